@@ -1,0 +1,127 @@
+"""The per-family contract. The trainer, caching drivers and inference loop call only this.
+
+Adding an architecture = one subclass in `architectures/<name>` + one line in the registry.
+Each required method raises NotImplementedError naming the class and the method.
+
+Conventions shared by every method:
+- "content dicts" are cache tensors keyed by content name without dtype/shape suffix
+  (`latents`, `latents_image`, `clip`, `varlen_t5`, `t5_vec`, `clip_l_pooler` ...). The cache
+  writer adds the reference suffixes (`latents_{F}x{H}x{W}_{dtype}`, `varlen_t5_{dtype}`).
+- a "batch" is what `dataset.batches` yields: the same names with suffixes stripped (`latents`,
+  `t5` ...); `varlen_*` entries become lists of tensors (prefix stripped), the rest are stacked.
+- timesteps handed to `predict` are on the 0..1000 scale, one per sample (float tensor (B,)).
+- `predict` returns the flow-matching velocity (noise - latents) for the target latents only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from musubi_tuner.dataset.items import ItemPixels
+from musubi_tuner.dataset.traits import DatasetTraits
+from musubi_tuner.networks.targets import LoraTarget
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationDefaults:
+    """Inference defaults; `--flag` values of None fall back to these."""
+
+    width: int
+    height: int
+    frames: int
+    fps: float
+    infer_steps: int
+    guidance_scale: float
+    flow_shift: float | None
+    """None: resolution-dependent shift (FLUX)."""
+    negative_prompt: str = ""
+    embedded_guidance: float | None = None
+
+
+class Architecture:
+    """Base class: one instance per model family (stateless; models are passed in)."""
+
+    name: ClassVar[str]
+    """Registry key and `--arch` value, e.g. `wan`."""
+    script_prefix: ClassVar[str]
+    """Prefix of the reference scripts (`wan`, `flux_kontext`)."""
+    traits: ClassVar[DatasetTraits]
+    network_module: ClassVar[str]
+    """Reference `--network_module` value for this family, e.g. `networks.lora_wan`."""
+    modelspec_architecture: ClassVar[str]
+    """SAI model-spec `modelspec.architecture` string, e.g. `wan2.1`."""
+    lora_default_excludes: ClassVar[tuple[str, ...]] = ()
+    """Regexes (fullmatch on the original module path) excluded by default, as the reference does."""
+
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__}.{method} is not implemented")
+
+    # ---- command-line flags ------------------------------------------------------------------
+    def add_arguments(self, parser: argparse.ArgumentParser, purpose: str) -> None:
+        """Add the family's flags. purpose: cache_latents | cache_text | train | generate."""
+        raise self._missing("add_arguments")
+
+    def validate_arguments(self, args: argparse.Namespace, purpose: str) -> None:
+        """Check flags early (before loading models); raise UserError naming the flag."""
+
+    # ---- latent caching ------------------------------------------------------------------------
+    def load_vae(self, args: argparse.Namespace, device: torch.device) -> Any:
+        raise self._missing("load_vae")
+
+    def load_latent_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:
+        """Everything `encode_latents` needs (VAE, image encoder ...)."""
+        return self.load_vae(args, device)
+
+    def encode_latents(self, encoders: Any, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+        """One content dict per item, e.g. {"latents": (C,F,H,W)}."""
+        raise self._missing("encode_latents")
+
+    # ---- text caching --------------------------------------------------------------------------
+    def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:
+        raise self._missing("load_text_encoders")
+
+    def encode_prompts(self, encoders: Any, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """One content dict per prompt, e.g. {"varlen_t5": (L, 4096)}."""
+        raise self._missing("encode_prompts")
+
+    # ---- DiT ---------------------------------------------------------------------------------
+    def load_dit(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The diffusers transformer, frozen, in eval mode, weights in `dtype` (fp8 handled by caller)."""
+        raise self._missing("load_dit")
+
+    def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
+        """Every Linear the reference's LoRA may target, named by its ORIGINAL module path."""
+        raise self._missing("lora_candidates")
+
+    def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Diffusers state dict -> original/ComfyUI key layout (for --save_merged_model)."""
+        raise self._missing("dit_state_dict_to_original")
+
+    def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Velocity prediction for `noisy_latents` (same shape), conditioned on the batch."""
+        raise self._missing("predict")
+
+    # ---- generation ----------------------------------------------------------------------------
+    generation_defaults: ClassVar[GenerationDefaults]
+
+    def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
+        """Shape (without batch) of the noise for one sample."""
+        raise self._missing("latent_shape")
+
+    def generation_conditioning(self, encoders: Any, request: Any, latent_shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
+        """Extra batch entries for image/control conditioning (I2V image latents, Kontext control)."""
+        return {}
+
+    def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, H, W) or (B, C, H, W) latents -> uint8 (B, F, H, W, 3) pixels."""
+        raise self._missing("decode_latents")
+
+    def timestep_shift_sequence_length(self, latent_shape: tuple[int, ...]) -> int:
+        """Image-token count used by resolution-dependent shifts (flux_shift)."""
+        h, w = latent_shape[-2:]
+        return (h // 2) * (w // 2)

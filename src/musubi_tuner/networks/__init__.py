@@ -1,0 +1,1 @@
+"""LoRA networks: modules, injection into diffusers models by original names, file formats."""
