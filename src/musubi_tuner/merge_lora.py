@@ -1,0 +1,64 @@
+"""Merge LoRA(s) into a DiT checkpoint and save it (any architecture; works in the original key layout).
+
+Reference flags: --dit --lora_weight ... --lora_multiplier ... --save_merged_model --device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from musubi_tuner.errors import UserError
+from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict
+from musubi_tuner.networks.lora_files import load_lora_file
+from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Merge LoRA weights into a DiT checkpoint (original/ComfyUI layout)")
+    parser.add_argument("--dit", required=True, help="DiT checkpoint in the original layout (.safetensors or .pt/.pth)")
+    parser.add_argument("--dit_in_channels", type=int, default=None, help="accepted for compatibility; not needed")
+    parser.add_argument("--lora_weight", nargs="+", required=True, help="LoRA file(s), any supported layout")
+    parser.add_argument(
+        "--lora_multiplier", nargs="+", type=float, default=[1.0], help="multiplier per LoRA (missing ones are 1.0)"
+    )
+    parser.add_argument("--save_merged_model", required=True, help="output checkpoint path")
+    parser.add_argument("--device", default=None, help="device for the merge math, e.g. cuda (default cpu)")
+    parser.add_argument("--arch", default=None, help="only for diffusers-layout LoRAs: the architecture to map names")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if len(args.lora_multiplier) > len(args.lora_weight):
+        raise UserError(
+            f"--lora_multiplier has {len(args.lora_multiplier)} values for {len(args.lora_weight)} --lora_weight files"
+        )
+    multipliers = args.lora_multiplier + [1.0] * (len(args.lora_weight) - len(args.lora_multiplier))
+    device = torch.device(args.device) if args.device else None
+    loras = [load_lora_file(path)[0] for path in args.lora_weight]
+    targets = None
+    if args.arch:
+        from musubi_tuner.convert_lora import targets_for_arch
+
+        try:
+            targets = targets_for_arch(args.arch, loras[0])
+        except NotImplementedError:
+            raise UserError(
+                f"--arch {args.arch}: diffusers-layout LoRAs cannot be merged for this architecture yet"
+            ) from None
+    logger.info("loading %s", args.dit)
+    base = load_state_dict(args.dit, flag="--dit")
+    merged = merge_lora_into_original_state_dict(base, loras, multipliers, targets, device)
+    logger.info("saving %s", args.save_merged_model)
+    save_state_dict(merged, args.save_merged_model)
+
+
+if __name__ == "__main__":
+    from musubi_tuner.cli import run_cli
+
+    run_cli(main)

@@ -1,0 +1,446 @@
+"""LoRA modules attached to a diffusers DiT, named by the ORIGINAL checkpoint's layers.
+
+A `LoRAModule` adapts one original layer (a `LoraTarget`): lora_down (rank x in), lora_up (out x rank) and an
+`alpha` buffer, scale = alpha / rank; its state dict is the reference layout. It attaches by wrapping the forward
+of each diffusers part (the base module's parameters and state-dict keys are untouched; `remove()` restores them).
+For a fused original layer (several parts) the down projection is computed once per input and each part adds
+its slice of the up projection, which is exactly the reference's fused parameterisation.
+
+Dropouts follow the reference: `dropout` on the rank activations, `rank_dropout` masks whole ranks per sample
+(and rescales by 1/(1-p)), `module_dropout` skips the module for a forward; all three only while training.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import logging
+import math
+import os
+import re
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musubi_tuner.errors import CheckpointError, UserError
+from musubi_tuner.networks.lora_formats import LoraWeights, NameIndex, parse_lora_state_dict
+from musubi_tuner.networks.targets import LoraTarget
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DIM = 4
+DEFAULT_ALPHA = 1.0
+KNOWN_NETWORK_ARGS = (
+    "exclude_patterns",
+    "include_patterns",
+    "rank_dropout",
+    "module_dropout",
+    "loraplus_lr_ratio",
+    "verbose",
+)
+
+
+class LoRAModule(nn.Module):
+    """LoRA for one original layer; see the module docstring."""
+
+    def __init__(
+        self,
+        target: LoraTarget,
+        rank: int,
+        alpha: float | torch.Tensor | None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
+        super().__init__()
+        self.lora_name = target.lora_name
+        self.original_name = target.original_name
+        self.lora_dim = rank
+        self.lora_down = nn.Linear(target.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, target.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = float(alpha) if alpha is not None else 0.0
+        alpha = float(rank) if alpha == 0 else alpha  # alpha 0/None: no scaling
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / rank
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        # A plain tuple, not submodules: the base layers must stay out of this module's parameters and state dict.
+        self._target = target
+        self._row_slices = [
+            slice(sum(target.split_sizes[:i]), sum(target.split_sizes[: i + 1])) for i in range(len(target.parts))
+        ]
+        self._org_forwards: list[Any] | None = None
+        self._saved_forward_attrs: list[Any] = []
+        self._shared: tuple[weakref.ref, Any, set[int]] | None = None
+
+    # ---- attaching ---------------------------------------------------------------------------------------------------
+    @property
+    def applied(self) -> bool:
+        return self._org_forwards is not None
+
+    def apply_to(self) -> None:
+        """Wrap the forward of each part. Wrappers must be removed in reverse order of applying."""
+        if self.applied:
+            return
+        self._org_forwards, self._saved_forward_attrs = [], []
+        for i, part in enumerate(self._target.parts):
+            module = part.module
+            self._saved_forward_attrs.append(module.__dict__.get("forward"))  # an instance-level forward, if any
+            self._org_forwards.append(module.forward)
+            module.forward = functools.partial(self._part_forward, i)
+
+    def remove(self) -> None:
+        """Restore the parts' forwards."""
+        if not self.applied:
+            return
+        for part, saved in zip(self._target.parts, self._saved_forward_attrs):
+            if saved is None:
+                part.module.__dict__.pop("forward", None)
+            else:
+                part.module.forward = saved
+        self._org_forwards, self._saved_forward_attrs, self._shared = None, [], None
+
+    # ---- forward -----------------------------------------------------------------------------------------------------
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(rank activations, scale) for input x, or None when module dropout skips this forward."""
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return None
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.dropout is not None and self.training:
+            lx = F.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            lx = lx * mask.view(lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim).to(lx.dtype)
+            scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
+        return lx, scale
+
+    def _shared_down(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        # Parts of a fused layer see the same input tensor: compute down (and its dropout masks) once for all.
+        if len(self._row_slices) == 1:
+            return self._down(x)
+        shared = self._shared
+        if shared is None or shared[0]() is not x or index in shared[2]:
+            shared = (weakref.ref(x), self._down(x), set())  # weak: a stale entry must not keep x alive
+            self._shared = shared
+        shared[2].add(index)
+        if len(shared[2]) == len(self._row_slices):
+            self._shared = None  # every part served
+        return shared[1]
+
+    def _part_forward(self, index: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._org_forwards[index](x, *args, **kwargs)
+        if self.multiplier == 0:
+            return out
+        down = self._shared_down(index, x)
+        if down is None:
+            return out
+        lx, scale = down
+        up = self.lora_up.weight if len(self._row_slices) == 1 else self.lora_up.weight[self._row_slices[index]]
+        return out + (F.linear(lx, up) * (self.multiplier * scale)).to(out.dtype)
+
+    # ---- weights -----------------------------------------------------------------------------------------------------
+    def weights(self) -> LoraWeights:
+        return LoraWeights(self.lora_down.weight.detach(), self.lora_up.weight.detach(), self.alpha.detach())
+
+    @torch.no_grad()
+    def merge_to_base(self, multiplier: float | None = None) -> None:
+        """Add multiplier * scale * up @ down into the parts' weights (fp32 math, cast back)."""
+        multiplier = self.multiplier if multiplier is None else multiplier
+        delta = self.weights().delta() * multiplier
+        for part, rows in zip(self._target.parts, self._row_slices):
+            weight = part.module.weight
+            weight.copy_((weight.float() + delta[rows].to(weight.device)).to(weight.dtype))
+
+
+class LoRANetwork(nn.Module):
+    """The LoRA modules of one DiT, registered under their reference names (`lora_unet_...`)."""
+
+    def __init__(
+        self,
+        targets: Sequence[LoraTarget],
+        dims: int | Mapping[str, int],
+        alphas: float | Mapping[str, float | torch.Tensor | None] | None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        loraplus_lr_ratio: float | None = None,
+    ):
+        super().__init__()
+        if not targets:
+            raise UserError(
+                "no LoRA modules: every candidate layer was excluded; check --network_args exclude/include_patterns"
+            )
+        self.targets = list(targets)
+        self.multiplier = multiplier
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        for t in self.targets:
+            dim = dims[t.original_name] if isinstance(dims, Mapping) else dims
+            alpha = alphas.get(t.original_name) if isinstance(alphas, Mapping) else alphas
+            module = LoRAModule(t, dim, alpha, multiplier, dropout, rank_dropout, module_dropout)
+            self.add_module(t.lora_name, module)
+
+    @property
+    def loras(self) -> list[LoRAModule]:
+        return [m for m in self.children() if isinstance(m, LoRAModule)]
+
+    def apply_to(self) -> None:
+        """Attach every module to its DiT layers (training or live inference)."""
+        for lora in self.loras:
+            lora.apply_to()
+        logger.info("LoRA applied to %d layers", len(self.loras))
+
+    def remove(self) -> None:
+        """Detach from the DiT; its forward is then the base model's again."""
+        for lora in reversed(self.loras):
+            lora.remove()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.loras:
+            lora.multiplier = multiplier
+
+    def merge_to_base(self, multiplier: float | None = None) -> None:
+        """Bake the LoRA into the DiT's diffusers weights (for inference). Call on a detached network."""
+        for lora in self.loras:
+            lora.merge_to_base(multiplier)
+
+    # ---- files -------------------------------------------------------------------------------------------------------
+    def state_dict_reference(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The reference layout: `lora_unet_<name>.lora_down.weight / .lora_up.weight / .alpha`, copied to CPU."""
+        return {k: v.detach().to("cpu", dtype=dtype, copy=True) for k, v in self.state_dict().items()}
+
+    def load_weights(self, path_or_sd: str | os.PathLike | dict[str, torch.Tensor]) -> None:
+        """Load a LoRA in any supported layout (reference, ComfyUI/other, diffusers).
+
+        Keys naming no module of this network raise a UserError listing a few; modules absent from the file keep
+        their current weights (a warning says how many).
+        """
+        if isinstance(path_or_sd, dict):
+            sd, where = path_or_sd, "the given state dict"
+        else:
+            from musubi_tuner.networks.lora_files import load_lora_file
+
+            sd, where = load_lora_file(path_or_sd)[0], str(path_or_sd)
+        canonical, unmatched = parse_lora_state_dict(sd, NameIndex(targets=self.targets))
+        if unmatched:
+            raise CheckpointError(
+                f"{len(unmatched)} key(s) in {where} match no LoRA module of this network, e.g. {unmatched[:5]}; "
+                "is it for another architecture, or were these layers excluded by --network_args patterns?"
+            )
+        by_name = {m.original_name: m for m in self.loras}
+        for name, weights in canonical.items():
+            _load_module(by_name[name], weights, where)
+        missing = len(by_name) - len(canonical)
+        if missing:
+            logger.warning("%d LoRA module(s) are not in %s and keep their initial weights", missing, where)
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------------
+    def prepare_optimizer_params(self, lr: float, loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+        """Param groups: all LoRA weights at `lr`; with LoRA+ the up weights in a second group at lr * ratio."""
+        ratio = self.loraplus_lr_ratio if loraplus_lr_ratio is None else loraplus_lr_ratio
+        self.requires_grad_(True)
+        downs, ups = [], []
+        for lora in self.loras:
+            downs.append(lora.lora_down.weight)
+            ups.append(lora.lora_up.weight)
+        if ratio is None:
+            return [{"params": downs + ups, "lr": lr}]
+        return [{"params": downs, "lr": lr}, {"params": ups, "lr": lr * ratio}]
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float, device: torch.device | str) -> tuple[int, float, float]:
+        """--scale_weight_norms: shrink modules whose scaled delta norm exceeds max_norm (both matrices by sqrt).
+
+        Returns (modules scaled, mean norm, max norm) after scaling, as the reference logs them.
+        """
+        scaled, norms = 0, []
+        for lora in self.loras:
+            down, up = lora.lora_down.weight, lora.lora_up.weight
+            norm = ((up.to(device).float() @ down.to(device).float()) * lora.scale).norm()
+            clamped = norm.clamp(min=max_norm / 2)
+            ratio = (clamped.clamp(max=max_norm) / clamped).item()
+            if ratio != 1:
+                scaled += 1
+                down.mul_(ratio**0.5)
+                up.mul_(ratio**0.5)
+            norms.append(norm.item() * ratio)
+        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
+
+def _load_module(module: LoRAModule, weights: LoraWeights, where: str) -> None:
+    expected = (tuple(module.lora_down.weight.shape), tuple(module.lora_up.weight.shape))
+    found = (tuple(weights.down.shape), tuple(weights.up.shape))
+    if expected != found:
+        hint = (
+            "use --dim_from_weights"
+            if found[0][1:] == expected[0][1:] and found[1][:1] == expected[1][:1]
+            else "wrong model?"
+        )
+        raise CheckpointError(
+            f"{where}: {module.lora_name} has shapes {found}, the network expects {expected} ({hint})"
+        )
+    module.lora_down.weight.data.copy_(weights.down)
+    module.lora_up.weight.data.copy_(weights.up)
+    alpha = float(weights.alpha) if weights.alpha is not None else 0.0
+    alpha = float(module.lora_dim) if alpha == 0 else alpha
+    module.alpha.fill_(alpha)
+    module.scale = alpha / module.lora_dim
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# construction
+
+
+def parse_network_args(network_args: list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """`--network_args k=v ...` (or a dict) -> typed values; patterns are Python list literals."""
+    if network_args is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(network_args, Mapping):
+        raw = dict(network_args)
+    else:
+        raw = {}
+        for arg in network_args:
+            if "=" not in arg:
+                raise UserError(f"--network_args {arg!r}: expected key=value")
+            key, value = arg.split("=", 1)
+            raw[key.strip()] = value.strip()
+    unknown = sorted(set(raw) - set(KNOWN_NETWORK_ARGS))
+    if unknown:
+        logger.warning("--network_args %s ignored; known keys: %s", unknown, ", ".join(KNOWN_NETWORK_ARGS))
+    parsed: dict[str, Any] = {"verbose": _as_bool(raw.get("verbose", False))}
+    for key in ("exclude_patterns", "include_patterns"):
+        parsed[key] = _as_patterns(key, raw.get(key))
+    for key in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):
+        parsed[key] = _as_float(f"--network_args {key}", raw.get(key))
+    return parsed
+
+
+def _as_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def _as_float(key: str, value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value!r}: expected a number") from None
+
+
+def _as_patterns(key: str, value: Any) -> list[re.Pattern] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise UserError(
+                f"--network_args {key}: expected a Python list like {key}=[r'.*ffn.*'], got {value!r}"
+            ) from None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"--network_args {key}: expected a list of regex strings, got {value!r}")
+    patterns = []
+    for pattern in value:
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as exc:
+            raise UserError(f"--network_args {key}: invalid regex {pattern!r}: {exc}") from None
+    return patterns
+
+
+def select_targets(arch: Any, candidates: Sequence[LoraTarget], parsed_args: Mapping[str, Any]) -> list[LoraTarget]:
+    """Apply the reference's filter: excluded (full match) unless re-included by an include pattern.
+
+    Excludes = the user's `exclude_patterns` (or, when none is given, the arch's `lora_default_excludes_if_unset`)
+    plus the arch's always-on `lora_default_excludes`.
+    """
+    user = parsed_args.get("exclude_patterns")
+    excludes = (
+        list(user) if user is not None else [re.compile(p) for p in getattr(arch, "lora_default_excludes_if_unset", ())]
+    )
+    excludes += [re.compile(p) for p in getattr(arch, "lora_default_excludes", ())]
+    includes = parsed_args.get("include_patterns") or []
+    selected = []
+    for target in candidates:
+        name = target.original_name
+        if any(p.fullmatch(name) for p in excludes) and not any(p.fullmatch(name) for p in includes):
+            if parsed_args.get("verbose"):
+                logger.info("exclude: %s", name)
+            continue
+        selected.append(target)
+    return selected
+
+
+def _resolve_arch(arch: Any) -> Any:
+    if isinstance(arch, str):
+        from musubi_tuner.architectures import get_architecture
+
+        return get_architecture(arch)
+    return arch
+
+
+def create_network(
+    arch: Any,
+    dit: nn.Module,
+    network_dim: int | None,
+    network_alpha: float | None,
+    network_dropout: float | None = None,
+    network_args: list[str] | Mapping[str, Any] | None = None,
+    multiplier: float = 1.0,
+) -> LoRANetwork:
+    """A new LoRA for `dit` (arch: Architecture or its name). Defaults as the reference: dim 4, alpha 1."""
+    arch = _resolve_arch(arch)
+    parsed = parse_network_args(network_args)
+    targets = select_targets(arch, arch.lora_candidates(dit), parsed)
+    dim = DEFAULT_DIM if network_dim is None else int(network_dim)
+    alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
+    network = LoRANetwork(
+        targets, dim, alpha, multiplier, _as_float("--network_dropout", network_dropout),
+        parsed["rank_dropout"], parsed["module_dropout"], parsed["loraplus_lr_ratio"],
+    )  # fmt: skip
+    logger.info("LoRA: %d modules, dim %d, alpha %s", len(targets), dim, alpha)
+    if parsed["verbose"]:
+        for t in targets:
+            logger.info("\t%s", t.lora_name)
+    return network
+
+
+def create_network_from_weights(
+    arch: Any,
+    dit: nn.Module,
+    weights_sd: dict[str, torch.Tensor],
+    multiplier: float = 1.0,
+    network_dropout: float | None = None,
+    network_args: list[str] | Mapping[str, Any] | None = None,
+) -> LoRANetwork:
+    """A LoRA shaped like `weights_sd` (any layout): its modules, ranks and alphas (for --dim_from_weights and
+    inference). Weights are not loaded; call `load_weights`. Keys naming no layer of `dit` raise a UserError."""
+    arch = _resolve_arch(arch)
+    candidates = arch.lora_candidates(dit)
+    canonical, unmatched = parse_lora_state_dict(weights_sd, NameIndex(targets=candidates))
+    if unmatched:
+        raise CheckpointError(
+            f"{len(unmatched)} LoRA key(s) match no layer of this {arch.name} model, e.g. {unmatched[:5]}"
+        )
+    parsed = parse_network_args(network_args)
+    targets = [t for t in candidates if t.original_name in canonical]
+    dims = {n: w.rank for n, w in canonical.items()}
+    alphas = {n: (w.alpha if w.alpha is not None else float(w.rank)) for n, w in canonical.items()}
+    return LoRANetwork(
+        targets, dims, alphas, multiplier, _as_float("--network_dropout", network_dropout),
+        parsed["rank_dropout"], parsed["module_dropout"], parsed["loraplus_lr_ratio"],
+    )  # fmt: skip

@@ -1,0 +1,29 @@
+"""`--network_module` names -> the modules that build a LoRA. One registry; unknown names list the choices."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from musubi_tuner.errors import UserError
+
+# Reference names (`networks.lora_wan`) -> our module. The `musubi_tuner.` prefix is accepted too.
+_NETWORK_MODULES = {
+    "networks.lora_wan": "musubi_tuner.networks.lora_wan",
+    "networks.lora_flux": "musubi_tuner.networks.lora_flux",
+}
+_NOT_YET = ("networks.lora", "networks.lora_framepack", "networks.loha", "networks.lokr", "lycoris.kohya")
+
+
+def network_module_names() -> list[str]:
+    return sorted(_NETWORK_MODULES)
+
+
+def resolve_network_module(name: str) -> ModuleType:
+    """The module for `--network_module name` (it has `ARCHITECTURE` and `create_network`)."""
+    key = name.strip()
+    key = key.removeprefix("musubi_tuner.")
+    if key in _NETWORK_MODULES:
+        return importlib.import_module(_NETWORK_MODULES[key])
+    why = "is not supported yet" if key in _NOT_YET else "is unknown"
+    raise UserError(f"--network_module {name!r} {why}; choose one of: {', '.join(network_module_names())}")
