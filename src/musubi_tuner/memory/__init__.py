@@ -1,0 +1,1 @@
+"""Memory savers: fp8 weight storage, block swap, attention backend choice."""
