@@ -1,0 +1,230 @@
+"""FLUX text encoders from the files users have: ComfyUI `t5xxl_fp16.safetensors` and `clip_l.safetensors`.
+
+Both files hold Hugging Face transformers keys (T5: `encoder.block.N...`, `shared.weight`; CLIP:
+`text_model.*`), sometimes under a ComfyUI checkpoint prefix. The config is read from the weights,
+so the tiny test files use the same loaders. Tokenizers are not in these files; they come from
+`--t5_tokenizer` / `--clip_tokenizer` (a local folder) or the hub ids below via
+`musubi_tuner.models.tokenizers.resolve_tokenizer`.
+
+Prompt encoding follows the reference: T5 tokens padded to 512 and encoded WITHOUT an attention
+mask (padding positions included, all 512 vectors kept); CLIP-L padded to 77, pooled output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+
+from musubi_tuner.architectures.flux_kontext.dit_files import _cast, _read_safetensors
+from musubi_tuner.errors import CheckpointError, UserError
+
+T5_TOKENIZER_HUB_ID = "google/t5-v1_1-xxl"
+CLIP_TOKENIZER_HUB_ID = "openai/clip-vit-large-patch14"
+T5_TOKENIZER_FLAG = "--t5_tokenizer"
+CLIP_TOKENIZER_FLAG = "--clip_tokenizer"
+T5_MAX_LENGTH = 512
+CLIP_MAX_LENGTH = 77
+
+_T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.")
+_CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "clip_l.transformer.", "cond_stage_model.transformer.")
+_CLIP_IGNORED = ("text_projection.weight", "logit_scale", "embeddings.position_ids")
+
+
+def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for prefix in prefixes:
+        inner = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        if inner:
+            return inner
+    return sd
+
+
+def _count(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in sd if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+# ---- T5 ----------------------------------------------------------------------------------------
+def infer_t5_config(sd: dict[str, torch.Tensor]) -> dict:
+    """`T5Config` kwargs from HF-layout T5 encoder weights.
+
+    Heads come from the relative-attention bias table (buckets x heads); real T5-XXL v1.1:
+    d_model 4096, 24 layers, 64 heads of 64, d_ff 10240, gated-gelu, vocab 32128.
+    """
+    bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    if emb is None or bias_key not in sd:
+        shown = ", ".join(list(sd)[:3]) or "no keys"
+        raise CheckpointError(
+            f"--text_encoder1: not a T5 encoder in Hugging Face layout (first keys: {shown}); "
+            "expected t5xxl_fp16.safetensors"
+        )
+    buckets, heads = sd[bias_key].shape
+    inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    ff_key = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")
+    return {
+        "vocab_size": int(emb.shape[0]),
+        "d_model": int(emb.shape[1]),
+        "d_kv": int(inner // heads),
+        "d_ff": int(sd[ff_key].shape[0]),
+        "num_layers": _count(sd, r"encoder\.block\.(\d+)\."),
+        "num_heads": int(heads),
+        "relative_attention_num_buckets": int(buckets),
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": "gated-gelu" if gated else "relu",
+        "layer_norm_epsilon": 1e-6,
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
+
+
+def build_t5(sd: dict[str, torch.Tensor]):
+    """`T5EncoderModel` from HF-layout weights (meta init, no random weights)."""
+    from transformers import T5Config, T5EncoderModel
+
+    sd = dict(sd)
+    sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
+    sd.setdefault("shared.weight", sd["encoder.embed_tokens.weight"])
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**infer_t5_config(sd)))
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--text_encoder1: the T5 weights do not fit a T5 encoder: {str(exc)[:300]}") from exc
+    model.tie_weights()
+    return model
+
+
+def load_t5xxl(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.bfloat16,
+    fp8: bool = False,
+):
+    """Load T5-XXL from `t5xxl_fp16.safetensors` (ComfyUI layout) as a frozen, eval `T5EncoderModel`.
+
+    fp8=True stores Linear weights as float8 via `musubi_tuner.memory.fp8` (embeddings, norms and the
+    FFN output layers stay `dtype`).
+    """
+    sd = _strip(_read_safetensors(path, "--text_encoder1"), _T5_PREFIXES)
+    if "scaled_fp8" in sd:
+        raise CheckpointError(
+            "--text_encoder1: scaled-fp8 T5 files are not supported; "
+            "use t5xxl_fp16.safetensors (add --fp8_t5 to save memory)"
+        )
+    model = build_t5(_cast(sd, device, dtype)).eval().requires_grad_(False)
+    if fp8:
+        _cast_t5_to_fp8(model)
+    return model
+
+
+def _cast_t5_to_fp8(model) -> None:
+    from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
+
+    # `wo` stays in `dtype`: transformers' T5 FFN casts its activations to wo's weight dtype, which
+    # would quantise them to fp8 (the reference patches that forward for the same reason).
+    cast_linear_weights_to_fp8(model, skip_patterns=(r"DenseReluDense\.wo$",))
+
+
+# ---- CLIP-L ------------------------------------------------------------------------------------
+def _clip_heads(hidden: int) -> int:
+    """Head count is not in the weights. OpenAI CLIP text towers use 64-wide heads (CLIP-L: 12);
+    widths that are not a multiple of 64 (the tiny preset) use 16-wide heads."""
+    return hidden // 64 if hidden % 64 == 0 else hidden // 16
+
+
+def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict:
+    """`CLIPTextConfig` kwargs from CLIP text weights (keys without the `text_model.` prefix).
+
+    Real CLIP-L: hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408, 77 positions, quick_gelu.
+    EOS is the last vocabulary id (49407), which is what the pooled output is read at.
+    """
+    if "embeddings.token_embedding.weight" not in sd:
+        shown = ", ".join(list(sd)[:3]) or "no keys"
+        raise CheckpointError(
+            f"--text_encoder2: not a CLIP text encoder (first keys: {shown}); expected clip_l.safetensors"
+        )
+    vocab, hidden = sd["embeddings.token_embedding.weight"].shape
+    return {
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(sd["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        "num_hidden_layers": _count(sd, r"encoder\.layers\.(\d+)\."),
+        "num_attention_heads": _clip_heads(int(hidden)),
+        "max_position_embeddings": int(sd["embeddings.position_embedding.weight"].shape[0]),
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": int(hidden),
+        "bos_token_id": int(vocab) - 2,
+        "eos_token_id": int(vocab) - 1,
+        "pad_token_id": 1,
+    }
+
+
+def build_clip(sd: dict[str, torch.Tensor]):
+    """`CLIPTextModel` from CLIP text weights (`text_model.` prefix optional)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k not in _CLIP_IGNORED}
+    config = CLIPTextConfig(**infer_clip_config(sd))
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"--text_encoder2: the CLIP weights do not fit a CLIP text model: {str(exc)[:300]}"
+        ) from exc
+    # A non-persistent buffer is not in the file; rebuild it off the meta device.
+    device = sd["embeddings.token_embedding.weight"].device
+    positions = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)
+    model.embeddings.register_buffer("position_ids", positions, persistent=False)
+    return model
+
+
+def load_clip_l(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.bfloat16
+):
+    """Load CLIP-L from `clip_l.safetensors` (ComfyUI layout) as a frozen, eval `CLIPTextModel`."""
+    sd = _strip(_read_safetensors(path, "--text_encoder2"), _CLIP_PREFIXES)
+    return build_clip(_cast(sd, device, dtype)).eval().requires_grad_(False)
+
+
+# ---- tokenizers and prompt encoding ------------------------------------------------------------
+def load_flux_tokenizers(t5_tokenizer: str | None = None, clip_tokenizer: str | None = None) -> tuple[Any, Any]:
+    """(T5 tokenizer, CLIP tokenizer) from local folders, or the hub ids when the flags are unset."""
+    from musubi_tuner.models.tokenizers import resolve_tokenizer
+
+    t5 = resolve_tokenizer(T5_TOKENIZER_FLAG, t5_tokenizer, T5_TOKENIZER_HUB_ID, None)
+    clip = resolve_tokenizer(CLIP_TOKENIZER_FLAG, clip_tokenizer, CLIP_TOKENIZER_HUB_ID, None)
+    return t5, clip
+
+
+def _tokens(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+    return tokenizer(prompts, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")[
+        "input_ids"
+    ]
+
+
+@torch.no_grad()
+def encode_prompts_flux(
+    t5, t5_tokenizer, clip, clip_tokenizer, prompts: list[str], max_length: int = T5_MAX_LENGTH
+) -> list[dict[str, torch.Tensor]]:
+    """One dict per prompt: `t5_vec` (max_length, d_model) and `clip_l_pooler` (hidden,), on CPU."""
+    t5_ids = _tokens(t5_tokenizer, prompts, max_length).to(t5.device)
+    t5_vec = t5(input_ids=t5_ids, attention_mask=None).last_hidden_state
+    if torch.isnan(t5_vec).any():
+        raise UserError("T5 produced NaN values; run T5 in bf16/fp32 (without --fp8_t5) to check the weights")
+    clip_ids = _tokens(clip_tokenizer, prompts, CLIP_MAX_LENGTH).to(clip.device)
+    pooled = clip(input_ids=clip_ids).pooler_output
+    return [{"t5_vec": v.cpu(), "clip_l_pooler": p.cpu()} for v, p in zip(t5_vec, pooled)]
