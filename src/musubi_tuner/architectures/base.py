@@ -56,7 +56,9 @@ class Architecture:
     modelspec_architecture: ClassVar[str]
     """SAI model-spec `modelspec.architecture` string, e.g. `wan2.1`."""
     lora_default_excludes: ClassVar[tuple[str, ...]] = ()
-    """Regexes (fullmatch on the original module path) excluded by default, as the reference does."""
+    """Regexes (fullmatch on the original module path) always excluded, as the reference does."""
+    lora_default_excludes_if_unset: ClassVar[tuple[str, ...]] = ()
+    """Regexes excluded only when the user gives no `exclude_patterns` (FLUX's modulation layers)."""
 
     def _missing(self, method: str) -> NotImplementedError:
         return NotImplementedError(f"{type(self).__name__}.{method} is not implemented")
@@ -116,6 +118,13 @@ class Architecture:
     def generation_conditioning(self, encoders: Any, request: Any, latent_shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
         """Extra batch entries for image/control conditioning (I2V image latents, Kontext control)."""
         return {}
+
+    def prompt_spec_from_args(self, args: argparse.Namespace) -> Any:
+        """The generate script's flags (size, frames, images ...) as an `inference.prompts.PromptSpec`."""
+        raise self._missing("prompt_spec_from_args")
+
+    def output_fps(self, args: argparse.Namespace) -> float:
+        return getattr(args, "fps", None) or self.generation_defaults.fps
 
     def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, F, H, W) or (B, C, H, W) latents -> uint8 (B, F, H, W, 3) pixels."""

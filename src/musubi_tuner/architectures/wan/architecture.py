@@ -1,0 +1,302 @@
+"""WanArchitecture: the Wan2.1 contract implementation (see architectures/base.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from musubi_tuner.architectures.base import Architecture, GenerationDefaults
+from musubi_tuner.dataset.items import ItemPixels
+from musubi_tuner.dataset.traits import DatasetTraits
+from musubi_tuner.errors import UserError
+from musubi_tuner.networks.targets import LoraPart, LoraTarget
+
+logger = logging.getLogger(__name__)
+
+TEXT_LENGTH = 512
+"""Wan pads every prompt to 512 tokens; diffusers' I2V attention relies on it (image tokens come after)."""
+
+TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
+I2V_TASKS = ("i2v-14B", "flf2v-14B")
+
+# The reference's default Chinese negative prompt (Wan's own default), kept so outputs match users' habits.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+def str_to_dtype(name: str | None, default: torch.dtype, flag: str) -> torch.dtype:
+    if name is None:
+        return default
+    table = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise UserError(f"{flag} {name!r} is not a dtype; use one of float32, float16, bfloat16")
+    return table[name]
+
+
+@dataclass
+class WanLatentEncoders:
+    vae: nn.Module
+    clip: nn.Module | None
+
+
+@dataclass
+class WanTextEncoders:
+    t5: nn.Module
+    tokenizer: Any
+
+
+def pixels_to_model_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1]."""
+    video = pixels.permute(0, 4, 1, 2, 3).to(device=device, dtype=torch.float32)
+    return (video / 127.5 - 1.0).to(dtype)
+
+
+def model_range_to_pixels(video: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, F, H, W) in [-1, 1] -> uint8 (B, F, H, W, 3)."""
+    video = ((video.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu()
+
+
+def pad_text_embeddings(embeddings: list[torch.Tensor], length: int = TEXT_LENGTH) -> torch.Tensor:
+    """Zero-pad variable-length T5 outputs (L_i, D) to (B, length, D), as Wan does."""
+    dim = embeddings[0].shape[-1]
+    out = embeddings[0].new_zeros(len(embeddings), length, dim)
+    for i, emb in enumerate(embeddings):
+        n = min(emb.shape[0], length)
+        out[i, :n] = emb[:n]
+    return out
+
+
+class WanArchitecture(Architecture):
+    name = "wan"
+    script_prefix = "wan"
+    traits = DatasetTraits(cache_code="wan", architecture="wan", bucket_step=16, frame_stride=4, target_fps=16.0)
+    network_module = "networks.lora_wan"
+    modelspec_architecture = "wan2.1"
+    # Reference default excludes (regex fullmatch on the original module path).
+    lora_default_excludes = (r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*",)
+    fp8_targets: ClassVar[tuple[str, ...]] = ("blocks.",)
+    generation_defaults = GenerationDefaults(
+        width=832, height=480, frames=81, fps=16.0, infer_steps=50, guidance_scale=5.0, flow_shift=5.0,
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+    )
+
+    # ---- flags -------------------------------------------------------------------------------------
+    def add_arguments(self, parser: argparse.ArgumentParser, purpose: str) -> None:
+        if purpose in ("train", "generate"):
+            parser.add_argument("--task", default="t2v-14B", choices=TASKS, help="Wan2.1 task (model variant)")
+        if purpose in ("cache_latents", "train", "generate"):
+            parser.add_argument("--vae_cache_cpu", action="store_true",
+                                help="accepted for compatibility; diffusers' Wan VAE keeps its causal cache on the compute device")
+            parser.add_argument("--clip", default=None,
+                                help="CLIP image encoder (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), I2V/FLF2V only")
+        if purpose == "cache_latents":
+            parser.add_argument("--i2v", action="store_true", help="also cache the first-frame conditioning for I2V training")
+            parser.add_argument("--one_frame", action="store_true", help="one-frame training caches (not supported yet)")
+        if purpose == "generate":
+            parser.add_argument("--video_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                                help="video height and width (default 480 832)")
+            parser.add_argument("--video_length", type=int, default=None, help="frames, 4N+1 (default 81; 1 = image)")
+            parser.add_argument("--fps", type=float, default=None, help="output frame rate (default 16)")
+            parser.add_argument("--image_path", default=None, help="start image (I2V / FLF2V)")
+            parser.add_argument("--end_image_path", default=None, help="end image (FLF2V)")
+        if purpose in ("cache_text", "train", "generate"):
+            parser.add_argument("--t5", default=None, help="umT5 text encoder: models_t5_umt5-xxl-enc-bf16.pth or an HF-layout .safetensors")
+            parser.add_argument("--fp8_t5", action="store_true", help="store umT5 Linear weights in float8_e4m3fn")
+            parser.add_argument("--t5_tokenizer", default=None,
+                                help="folder with the umT5 tokenizer (google/umt5-xxl: tokenizer.json or spiece.model); "
+                                     "default: the HF cache, offline")
+            parser.add_argument("--text_encoder_dtype", default=None, help="umT5 compute dtype (default bfloat16)")
+
+    def validate_arguments(self, args: argparse.Namespace, purpose: str) -> None:
+        if purpose == "cache_latents":
+            if getattr(args, "one_frame", False):
+                raise UserError("--one_frame caching is not supported by this version; drop the flag")
+            if args.clip is not None:
+                args.i2v = True
+        if purpose in ("train", "generate") and args.task in I2V_TASKS and not args.clip:
+            logger.info("--task %s without --clip: the CLIP context must come from the latent caches", args.task)
+
+    # ---- latent side -------------------------------------------------------------------------------
+    def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:
+        from musubi_tuner.architectures.wan.vae_files import load_wan_vae
+
+        if not args.vae:
+            raise UserError("no VAE given: pass --vae Wan2.1_VAE.pth (or wan_2.1_vae.safetensors)")
+        dtype = str_to_dtype(args.vae_dtype, torch.bfloat16, "--vae_dtype")
+        return load_wan_vae(args.vae, device=device, dtype=dtype)
+
+    def load_latent_encoders(self, args: argparse.Namespace, device: torch.device) -> WanLatentEncoders:
+        clip = None
+        if getattr(args, "clip", None):
+            from musubi_tuner.architectures.wan.clip_files import load_wan_clip
+
+            clip = load_wan_clip(args.clip, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        return WanLatentEncoders(vae=self.load_vae(args, device), clip=clip)
+
+    def _encode_video(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
+        from musubi_tuner.architectures.wan.vae_files import normalize_latents
+
+        with torch.no_grad():
+            dist = vae.encode(video.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return normalize_latents(vae, dist.mode())
+
+    def image_condition_latents(self, vae: nn.Module, first: torch.Tensor, last: torch.Tensor | None,
+                                num_frames: int) -> torch.Tensor:
+        """I2V/FLF2V conditioning: 4 mask channels + VAE latents of [first, zeros..., (last)] -> (B, 20, f, h, w)."""
+        b, c, _, h, w = first.shape
+        frames = first.new_zeros(b, c, num_frames, h, w)
+        frames[:, :, :1] = first
+        if last is not None:
+            frames[:, :, -1:] = last
+        y = self._encode_video(vae, frames)
+        lat_h, lat_w = y.shape[-2:]
+        mask = torch.zeros(b, num_frames, lat_h, lat_w, dtype=y.dtype, device=y.device)
+        mask[:, 0] = 1
+        if last is not None:
+            mask[:, -1] = 1
+        # the first frame stands alone in the VAE's time stride, so it fills all 4 mask slots of latent frame 0
+        mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)
+        mask = mask.view(b, mask.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)
+        return torch.cat([mask, y], dim=1)
+
+    def _clip_context(self, clip: nn.Module, images: list[torch.Tensor]) -> torch.Tensor:
+        from musubi_tuner.architectures.wan.clip_files import encode_images_clip
+
+        contexts = [encode_images_clip(clip, img) for img in images]  # each (B, N, D)
+        return torch.cat(contexts, dim=1)
+
+    def encode_latents(self, encoders: WanLatentEncoders, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+        vae = encoders.vae
+        pixels = torch.stack([item.pixels for item in batch])
+        video = pixels_to_model_range(pixels, vae.device, vae.dtype)
+        latents = self._encode_video(vae, video).to(vae.dtype).cpu()
+        contents = [{"latents": latent} for latent in latents]
+        if getattr(args, "i2v", False):
+            y = self.image_condition_latents(vae, video[:, :, :1], None, video.shape[2]).to(vae.dtype).cpu()
+            for content, y_i in zip(contents, y):
+                content["latents_image"] = y_i
+            if encoders.clip is not None:
+                clip_ctx = self._clip_context(encoders.clip, [pixels[:, 0]]).to(torch.float16).cpu()
+                for content, ctx in zip(contents, clip_ctx):
+                    content["clip"] = ctx
+        return contents
+
+    def decode_latents(self, encoders: WanLatentEncoders | nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        from musubi_tuner.architectures.wan.vae_files import denormalize_latents
+
+        vae = encoders.vae if isinstance(encoders, WanLatentEncoders) else encoders
+        with torch.no_grad():
+            z = denormalize_latents(vae, latents.to(device=vae.device, dtype=vae.dtype))
+            video = vae.decode(z).sample
+        return model_range_to_pixels(video)
+
+    # ---- text side ---------------------------------------------------------------------------------
+    def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> WanTextEncoders:
+        from musubi_tuner.architectures.wan.text_encoder_files import load_umt5
+        from musubi_tuner.models.tokenizers import resolve_tokenizer
+
+        if not args.t5:
+            raise UserError("no text encoder given: pass --t5 models_t5_umt5-xxl-enc-bf16.pth")
+        dtype = str_to_dtype(getattr(args, "text_encoder_dtype", None), torch.bfloat16, "--text_encoder_dtype")
+        tokenizer = resolve_tokenizer("t5_tokenizer", args.t5_tokenizer, "google/umt5-xxl", None)
+        t5 = load_umt5(args.t5, device=device, dtype=dtype, fp8=bool(getattr(args, "fp8_t5", False)))
+        return WanTextEncoders(t5=t5, tokenizer=tokenizer)
+
+    def encode_prompts(self, encoders: WanTextEncoders, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        from musubi_tuner.architectures.wan.text_encoder_files import encode_prompts_umt5
+
+        with torch.no_grad():
+            embeddings = encode_prompts_umt5(encoders.t5, encoders.tokenizer, prompts, max_length=TEXT_LENGTH)
+        return [{"varlen_t5": emb.cpu()} for emb in embeddings]
+
+    # ---- DiT ---------------------------------------------------------------------------------------
+    def load_dit(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from musubi_tuner.architectures.wan.dit_files import load_wan_dit
+
+        if not args.dit:
+            raise UserError("no DiT given: pass --dit wan2.1_t2v_1.3B_bf16.safetensors (or the file for your --task)")
+        dit = load_wan_dit(args.dit, task=args.task, device=device, dtype=dtype)
+        dit.requires_grad_(False)
+        return dit.eval()
+
+    def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
+        from musubi_tuner.architectures.wan.dit_names import original_module_name
+
+        targets = []
+        for path, module in dit.named_modules():
+            if isinstance(module, nn.Linear) and path.startswith("blocks."):
+                targets.append(LoraTarget(original_module_name(path), (LoraPart(path, module),)))
+        return targets
+
+    def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from musubi_tuner.architectures.wan.dit_files import wan_dit_to_original
+
+        return wan_dit_to_original(state_dict)
+
+    def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        dtype = next(p for p in dit.parameters() if p.is_floating_point()).dtype
+        if dtype.itemsize == 1:  # fp8 storage: compute in bf16
+            dtype = torch.bfloat16
+        device = noisy_latents.device
+        context = pad_text_embeddings([t.to(device) for t in batch["t5"]]).to(dtype)
+        hidden = noisy_latents
+        if "latents_image" in batch:
+            hidden = torch.cat([hidden, batch["latents_image"].to(device, hidden.dtype)], dim=1)
+        clip = batch.get("clip")
+        clip = clip.to(device, dtype) if clip is not None else None
+        out = dit(hidden_states=hidden.to(dtype), timestep=timesteps.to(device), encoder_hidden_states=context,
+                  encoder_hidden_states_image=clip, return_dict=False)[0]
+        return out.to(noisy_latents.dtype)
+
+    # ---- generation --------------------------------------------------------------------------------
+    def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
+        if width % 16 or height % 16:
+            raise UserError(f"--video_size {height} {width}: height and width must be multiples of 16")
+        if (frames - 1) % 4:
+            raise UserError(f"--video_length {frames}: Wan needs 4N+1 frames (e.g. 1, 5, ..., 81)")
+        return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+    def prompt_spec_from_args(self, args: argparse.Namespace):
+        from musubi_tuner.inference.prompts import PromptSpec
+
+        height, width = args.video_size if args.video_size else (None, None)
+        return PromptSpec(prompt=args.prompt or "", negative_prompt=args.negative_prompt, width=width, height=height,
+                          frames=args.video_length, seed=args.seed, steps=args.infer_steps,
+                          guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
+                          image_path=args.image_path, end_image_path=args.end_image_path)
+
+    def generation_conditioning(self, encoders: WanLatentEncoders, request: Any, latent_shape: tuple[int, ...],
+                                args: argparse.Namespace) -> dict[str, Any]:
+        """I2V (`image_path`) and FLF2V (`end_image_path`): mask+image latents and CLIP context."""
+        image_path = getattr(request, "image_path", None)
+        end_path = getattr(request, "end_image_path", None)
+        if image_path is None and end_path is None:
+            if args.task in I2V_TASKS:
+                raise UserError(f"--task {args.task} needs --image_path (the start image)")
+            return {}
+        if args.task not in I2V_TASKS:
+            raise UserError(f"--image_path/--end_image_path need an I2V/FLF2V --task, not {args.task}")
+        if encoders.clip is None:
+            raise UserError(f"--task {args.task} needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+        from musubi_tuner.inference.images import load_image_resized
+
+        height, width = latent_shape[-2] * 8, latent_shape[-1] * 8
+        frames = (latent_shape[1] - 1) * 4 + 1
+        first = load_image_resized(image_path, width, height)
+        last = load_image_resized(end_path, width, height) if end_path else None
+        vae = encoders.vae
+        first_v = pixels_to_model_range(first[None, None], vae.device, vae.dtype)
+        last_v = pixels_to_model_range(last[None, None], vae.device, vae.dtype) if last is not None else None
+        y = self.image_condition_latents(vae, first_v, last_v, frames)
+        images = [first[None]] + ([last[None]] if last is not None else [])
+        return {"latents_image": y, "clip": self._clip_context(encoders.clip, images)}

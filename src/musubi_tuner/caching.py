@@ -1,0 +1,164 @@
+"""Shared caching drivers: dataset items -> architecture encoders -> reference-named cache files.
+
+Both drivers are incremental (`--skip_existing`), remove stale caches unless `--keep_cache`, show
+progress and end with a summary of what was written, skipped and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from musubi_tuner.architectures.base import Architecture
+from musubi_tuner.dataset.cache_files import latent_metadata, write_cache
+from musubi_tuner.dataset.config import load_dataset_config
+from musubi_tuner.dataset.items import Item
+from musubi_tuner.dataset.media import load_item_pixels
+from musubi_tuner.dataset.sources import DatasetItems, collect_items, require_items
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheSummary:
+    written: int = 0
+    skipped_existing: int = 0
+    removed_stale: int = 0
+    bad_media: list[tuple[Path, str]] = field(default_factory=list)
+
+    def report(self, what: str) -> str:
+        lines = [f"{what}: {self.written} written, {self.skipped_existing} already cached (skipped), "
+                 f"{self.removed_stale} stale removed, {len(self.bad_media)} media files skipped"]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.bad_media]
+        return "\n".join(lines)
+
+
+def add_common_caching_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset_config", required=True, help="dataset TOML (reference schema)")
+    parser.add_argument("--batch_size", type=int, default=None, help="encoder batch size (default: the dataset's batch_size)")
+    parser.add_argument("--num_workers", type=int, default=None, help="threads decoding media (default: CPU count)")
+    parser.add_argument("--skip_existing", action="store_true", help="keep caches that already exist (incremental)")
+    parser.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
+    parser.add_argument("--device", default=None, help="device for the encoders (default: cuda if available)")
+    parser.add_argument("--strict", action="store_true", help="a missing or undecodable media file is fatal instead of skipped")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_datasets(arch: Architecture, args: argparse.Namespace) -> list[DatasetItems]:
+    """Parse + validate the TOML and enumerate items: every config error surfaces before any model loads."""
+    specs = load_dataset_config(args.dataset_config, arch.traits)
+    datasets = [collect_items(spec, arch.traits, strict=getattr(args, "strict", False)) for spec in specs]
+    require_items(datasets)
+    return datasets
+
+
+def remove_stale(cache_dir: Path, pattern: str, expected: set[Path], summary: CacheSummary, keep: bool) -> None:
+    if keep or not cache_dir.is_dir():
+        return
+    for path in cache_dir.glob(pattern):
+        if path.resolve() not in expected:
+            path.unlink()
+            summary.removed_stale += 1
+
+
+def batched(items: list[Item], size: int) -> Iterator[list[Item]]:
+    """Items of one bucket and frame count go together (the encoder stacks them)."""
+    groups: dict[tuple, list[Item]] = defaultdict(list)
+    for item in items:
+        groups[(item.bucket_size, item.frame_count)].append(item)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
+
+
+def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSummary:
+    datasets = load_datasets(arch, args)
+    summary = CacheSummary(bad_media=[s for d in datasets for s in d.skipped])
+    todo = [(d, i) for d in datasets for i in d.items if not (args.skip_existing and i.latent_cache_path.exists())]
+    summary.skipped_existing = sum(len(d.items) for d in datasets) - len(todo)
+    if todo:
+        encoders = arch.load_latent_encoders(args, resolve_device(args.device))
+        workers = args.num_workers or max(1, (torch.get_num_threads() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(todo), desc="caching latents", unit="item") as bar:
+            for dataset in datasets:
+                items = [i for d, i in todo if d is dataset]
+                for batch in batched(items, args.batch_size or dataset.spec.batch_size):
+                    step = arch.traits.bucket_step
+                    pixels = list(pool.map(lambda it: load_item_pixels(it, dataset.spec, bucket_step=step), batch))
+                    for item, content in zip(batch, arch.encode_latents(encoders, pixels, args)):
+                        frames = item.frame_count if item.frame_indices is not None else None
+                        write_cache(item.latent_cache_path, content, arch.traits,
+                                    latent_metadata(item.original_size, frames))
+                        summary.written += 1
+                    bar.update(len(batch))
+    for dataset in datasets:
+        expected = {i.latent_cache_path.resolve() for i in dataset.items}
+        remove_stale(dataset.spec.cache_directory, f"*_{arch.traits.cache_code}.safetensors", expected, summary,
+                     args.keep_cache)
+    logger.info(summary.report("latent caches"))
+    return summary
+
+
+def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSummary:
+    datasets = load_datasets(arch, args)
+    summary = CacheSummary(bad_media=[s for d in datasets for s in d.skipped])
+    # one text cache per media file (caption), shared by all frame windows/crops of it
+    captions: dict[Path, str] = {}
+    for dataset in datasets:
+        for item in dataset.items:
+            captions.setdefault(item.text_cache_path, item.caption)
+    todo = [(p, c) for p, c in captions.items() if not (args.skip_existing and p.exists())]
+    summary.skipped_existing = len(captions) - len(todo)
+    if todo:
+        encoders = arch.load_text_encoders(args, resolve_device(args.device))
+        size = args.batch_size or 16
+        with tqdm(total=len(todo), desc="caching text encoder outputs", unit="prompt") as bar:
+            for start in range(0, len(todo), size):
+                chunk = todo[start:start + size]
+                for (path, caption), content in zip(chunk, arch.encode_prompts(encoders, [c for _, c in chunk])):
+                    write_cache(path, content, arch.traits, {"caption1": caption})
+                    summary.written += 1
+                bar.update(len(chunk))
+    for dataset in datasets:
+        expected = {i.text_cache_path.resolve() for i in dataset.items}
+        remove_stale(dataset.spec.cache_directory, f"*_{arch.traits.cache_code}_te.safetensors", expected, summary,
+                     args.keep_cache)
+    logger.info(summary.report("text encoder caches"))
+    return summary
+
+
+def caching_main(arch_name: str, purpose: str, argv: list[str] | None) -> CacheSummary:
+    """Entry for `<arch>_cache_latents.py` / `<arch>_cache_text_encoder_outputs.py`."""
+    from musubi_tuner.architectures import get_architecture
+
+    arch = get_architecture(arch_name)
+    parser = argparse.ArgumentParser(description=f"{arch_name}: cache {'latents' if purpose == 'cache_latents' else 'text encoder outputs'}")
+    add_common_caching_arguments(parser)
+    if purpose == "cache_latents":
+        parser.add_argument("--vae", default=None, help="VAE checkpoint")
+        parser.add_argument("--vae_dtype", default=None, help="VAE dtype (default bfloat16)")
+    arch.add_arguments(parser, purpose)
+    args = parser.parse_args(argv)
+    arch.validate_arguments(args, purpose)
+    if purpose == "cache_latents":
+        summary = run_latent_caching(arch, args)
+    elif purpose == "cache_text":
+        summary = run_text_caching(arch, args)
+    else:
+        raise UserError(f"unknown caching purpose {purpose}")
+    print(summary.report("latent caches" if purpose == "cache_latents" else "text encoder caches"))
+    return summary

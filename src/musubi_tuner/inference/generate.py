@@ -1,0 +1,109 @@
+"""Generation glue: an Architecture + the shared sampler, schedulers and output writers.
+
+`wan_generate_video.py`, `flux_kontext_generate_image.py` and samples during training all go
+through `render()`, so what a sample shows during training is what the generate script makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from musubi_tuner.architectures.base import Architecture
+from musubi_tuner.errors import UserError
+from musubi_tuner.inference.denoise import denoise, initial_noise
+from musubi_tuner.inference.prompts import PromptSpec
+from musubi_tuner.inference.schedulers import flux_mu, make_flow_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def contents_to_batch(contents: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Content dicts (as written to caches) -> a batch as the trainer sees it (`varlen_x` -> list `x`)."""
+    batch: dict[str, Any] = {}
+    for key in contents[0]:
+        values = [c[key] for c in contents]
+        if key.startswith("varlen_"):
+            batch[key[len("varlen_"):]] = values
+        else:
+            batch[key] = torch.stack(values)
+    return batch
+
+
+@dataclass
+class RenderSettings:
+    """Everything `render` needs besides the prompt; filled from flags or sample defaults."""
+
+    solver: str = "unipc"
+    device: torch.device = torch.device("cpu")
+    cpu_noise: bool = True
+    progress: bool = True
+
+
+def resolve_spec(arch: Architecture, spec: PromptSpec) -> PromptSpec:
+    """Fill every None in `spec` from the architecture's generation defaults."""
+    d = arch.generation_defaults
+    seed = spec.seed if spec.seed is not None else random.randint(0, 2**31 - 1)
+    return replace(
+        spec,
+        width=spec.width or d.width, height=spec.height or d.height, frames=spec.frames or d.frames,
+        seed=seed, steps=spec.steps or d.infer_steps,
+        guidance_scale=d.guidance_scale if spec.guidance_scale is None else spec.guidance_scale,
+        embedded_guidance=d.embedded_guidance if spec.embedded_guidance is None else spec.embedded_guidance,
+        flow_shift=spec.flow_shift if spec.flow_shift is not None else d.flow_shift,
+        negative_prompt=d.negative_prompt if spec.negative_prompt is None else spec.negative_prompt,
+    )
+
+
+def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec: PromptSpec, cond: dict[str, Any],
+           uncond: dict[str, Any] | None, settings: RenderSettings, args: argparse.Namespace) -> torch.Tensor:
+    """Denoise one request; returns final latents (1, ...). `spec` must be resolved (no Nones)."""
+    shape = arch.latent_shape(spec.width, spec.height, spec.frames)
+    extras = arch.generation_conditioning(latent_encoders, spec, shape, args)
+    cond = {**cond, **extras}
+    uncond = {**uncond, **extras} if uncond is not None else None
+    mu = None
+    if spec.flow_shift is None or spec.flow_shift == 0:
+        mu = flux_mu(arch.timestep_shift_sequence_length(shape))
+    scheduler = make_flow_scheduler(settings.solver, spec.flow_shift or None, mu=mu)
+    latents = initial_noise((1, *shape), spec.seed, settings.device, cpu_noise=settings.cpu_noise)
+
+    def predict(x: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+        return arch.predict(dit, c, x, t)
+
+    was_training = dit.training
+    dit.eval()
+    try:
+        return denoise(predict, latents, scheduler, spec.steps, cond, uncond, spec.guidance_scale,
+                       progress=settings.progress)
+    finally:
+        dit.train(was_training)
+
+
+def encode_conditions(arch: Architecture, text_encoders: Any, spec: PromptSpec) -> tuple[dict, dict | None]:
+    """Prompt (and negative prompt when CFG is on) -> batch-shaped conditioning dicts."""
+    prompts = [spec.prompt]
+    use_cfg = spec.guidance_scale is not None and spec.guidance_scale != 1.0
+    if use_cfg:
+        prompts.append(spec.negative_prompt or "")
+    contents = arch.encode_prompts(text_encoders, prompts)
+    cond = contents_to_batch(contents[:1])
+    uncond = contents_to_batch(contents[1:]) if use_cfg else None
+    if spec.embedded_guidance is not None:
+        cond["guidance"] = torch.tensor([spec.embedded_guidance])
+        if uncond is not None:
+            uncond["guidance"] = torch.tensor([spec.embedded_guidance])
+    return cond, uncond
+
+
+def generation_metadata(spec: PromptSpec) -> dict[str, str]:
+    return {"seeds": str(spec.seed), "prompt": spec.prompt, "negative_prompt": spec.negative_prompt or "",
+            "height": str(spec.height), "width": str(spec.width), "video_length": str(spec.frames),
+            "infer_steps": str(spec.steps), "guidance_scale": str(spec.guidance_scale),
+            "flow_shift": str(spec.flow_shift)}

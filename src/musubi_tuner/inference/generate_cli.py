@@ -1,0 +1,159 @@
+"""`<arch>_generate_*.py`: load models once, then render one prompt, a prompt file or an interactive session."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from musubi_tuner.architectures.base import Architecture
+from musubi_tuner.errors import UserError
+from musubi_tuner.inference.generate import RenderSettings, encode_conditions, generation_metadata, render, resolve_spec
+from musubi_tuner.inference.prompts import PromptSpec
+
+logger = logging.getLogger(__name__)
+
+# Parsed for compatibility with reference command lines; using them is an error until implemented.
+NOT_YET_SUPPORTED = ("fp8_scaled", "fp8_fast", "blocks_to_swap", "compile", "lycoris")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dit", default=None, help="DiT checkpoint (original/ComfyUI layout)")
+    parser.add_argument("--vae", default=None, help="VAE checkpoint")
+    parser.add_argument("--vae_dtype", default=None, help="VAE dtype (default bfloat16)")
+    parser.add_argument("--lora_weight", nargs="*", default=[], help="LoRA files (any layout) merged before sampling")
+    parser.add_argument("--lora_multiplier", nargs="*", type=float, default=[], help="one per --lora_weight (default 1.0)")
+    parser.add_argument("--include_patterns", nargs="*", default=None, help="regexes: merge only matching LoRA modules")
+    parser.add_argument("--exclude_patterns", nargs="*", default=None, help="regexes: skip matching LoRA modules")
+    parser.add_argument("--save_merged_model", default=None, help="write the DiT with LoRAs merged (original layout) and exit")
+    parser.add_argument("--prompt", default=None, help="prompt (may carry inline options like --w/--h/--d)")
+    parser.add_argument("--negative_prompt", default=None, help="negative prompt (default: the model's)")
+    parser.add_argument("--infer_steps", type=int, default=None, help="denoising steps")
+    parser.add_argument("--save_path", default=None, help="output folder")
+    parser.add_argument("--seed", type=int, default=None, help="seed (random when omitted)")
+    parser.add_argument("--cpu_noise", action="store_true", default=True, help="draw noise on the CPU (default; seeds match across devices)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--flow_shift", type=float, default=None, help="flow-matching shift")
+    parser.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "vanilla"])
+    parser.add_argument("--fp8", action="store_true", help="store the DiT's block Linear weights in float8_e4m3fn")
+    parser.add_argument("--fp8_scaled", action="store_true")
+    parser.add_argument("--fp8_fast", action="store_true")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--attn_mode", default="torch", help="attention backend (torch/sdpa)")
+    parser.add_argument("--blocks_to_swap", type=int, default=None)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--lycoris", action="store_true")
+    parser.add_argument("--output_type", default="video", choices=["video", "images", "latent", "both", "latent_images"])
+    parser.add_argument("--no_metadata", action="store_true", help="do not write prompt/seed metadata into latent files")
+    parser.add_argument("--latent_path", nargs="*", default=None, help="decode these latent files only (no DiT)")
+    parser.add_argument("--from_file", default=None, help="prompt file, one prompt per line with inline options")
+    parser.add_argument("--interactive", action="store_true", help="read prompts from the console until Ctrl+D")
+
+
+class GenerationSession:
+    """Models loaded once; `generate(spec)` renders and writes one request."""
+
+    def __init__(self, arch: Architecture, args: argparse.Namespace):
+        from musubi_tuner.caching import resolve_device
+
+        self.arch, self.args = arch, args
+        self.device = resolve_device(args.device)
+        self.settings = RenderSettings(solver=args.sample_solver, device=self.device, cpu_noise=args.cpu_noise)
+        self._text_encoders = None
+        self.latent_encoders = arch.load_latent_encoders(args, self.device)
+        self.dit = None
+
+    def load_dit(self) -> torch.nn.Module:
+        from musubi_tuner.inference.lora_merge import merge_loras_into_dit
+
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dit = self.arch.load_dit(self.args, self.device, dtype)
+        merge_loras_into_dit(self.arch, self.dit, self.args.lora_weight, self.args.lora_multiplier,
+                             self.args.include_patterns, self.args.exclude_patterns)
+        if self.args.fp8:
+            from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
+
+            skip = tuple(getattr(type(self.dit), "_skip_layerwise_casting_patterns", None) or ())
+            cast_linear_weights_to_fp8(self.dit, include=getattr(self.arch, "fp8_targets", None), skip_patterns=skip)
+        return self.dit
+
+    @property
+    def text_encoders(self) -> Any:
+        if self._text_encoders is None:
+            self._text_encoders = self.arch.load_text_encoders(self.args, self.device)
+        return self._text_encoders
+
+    def generate(self, spec: PromptSpec) -> list[Path]:
+        spec = resolve_spec(self.arch, spec)
+        cond, uncond = encode_conditions(self.arch, self.text_encoders, spec)
+        latents = render(self.arch, self.dit, self.latent_encoders, spec, cond, uncond, self.settings, self.args)
+        return self.write(latents, spec)
+
+    def write(self, latents: torch.Tensor, spec: PromptSpec | None, seed: Any = None) -> list[Path]:
+        from musubi_tuner.inference.outputs import write_outputs
+
+        frames = None
+        if self.args.output_type != "latent":
+            frames = self.arch.decode_latents(self.latent_encoders, latents)[0]
+        metadata = None if (self.args.no_metadata or spec is None) else generation_metadata(spec)
+        paths = write_outputs(self.args.output_type, frames, latents[0].cpu(), self.args.save_path,
+                              spec.seed if spec else seed, self.arch.output_fps(self.args), metadata)
+        for path in paths:
+            print(f"saved {path}")
+        return paths
+
+
+def requests(arch: Architecture, args: argparse.Namespace) -> Iterable[PromptSpec]:
+    """The prompts to render: --from_file, --interactive, or the single --prompt (inline options allowed)."""
+    from musubi_tuner.inference.prompts import interactive_prompts, load_prompt_file, parse_prompt_line
+
+    defaults = arch.prompt_spec_from_args(args)
+    if args.from_file:
+        return load_prompt_file(args.from_file, defaults)
+    if args.interactive:
+        return interactive_prompts(defaults=defaults)
+    if not args.prompt:
+        raise UserError("nothing to generate: pass --prompt, --from_file or --interactive (or --latent_path to decode)")
+    spec = parse_prompt_line(args.prompt, defaults)
+    return [spec] if spec is not None else []
+
+
+def decode_latent_files(session: GenerationSession, paths: list[str]) -> None:
+    from musubi_tuner.inference.outputs import load_latent
+
+    for path in paths:
+        latent, metadata = load_latent(path)
+        session.write(latent[None].float(), None, seed=metadata.get("seeds", Path(path).stem))
+
+
+def generate_main(arch_name: str, argv: list[str] | None) -> None:
+    from musubi_tuner.architectures import get_architecture
+
+    arch = get_architecture(arch_name)
+    parser = argparse.ArgumentParser(description=f"{arch_name}: generate with a LoRA")
+    add_generation_arguments(parser)
+    arch.add_arguments(parser, "generate")
+    args = parser.parse_args(argv)
+    used = [f"--{n}" for n in NOT_YET_SUPPORTED if getattr(args, n, None) not in (None, False)]
+    if used:
+        raise UserError(f"{', '.join(used)}: not supported by this version yet; remove the flag")
+    if len(args.lora_multiplier) > len(args.lora_weight):
+        raise UserError("more --lora_multiplier values than --lora_weight files")
+    arch.validate_arguments(args, "generate")
+    if not args.save_path and not args.save_merged_model:
+        raise UserError("--save_path is required (the output folder)")
+    session = GenerationSession(arch, args) if not args.save_merged_model else None
+    if args.latent_path:
+        decode_latent_files(session, args.latent_path)
+        return
+    if args.save_merged_model:
+        from musubi_tuner.inference.lora_merge import save_merged_model
+
+        save_merged_model(arch, args)
+        return
+    session.load_dit()
+    for spec in requests(arch, args):
+        session.generate(spec)

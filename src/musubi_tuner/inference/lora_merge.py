@@ -1,0 +1,70 @@
+"""LoRAs at inference: merged into the loaded DiT before sampling, or into the original file (--save_merged_model)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from typing import Sequence
+
+import torch
+
+from musubi_tuner.architectures.base import Architecture
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def _multipliers(paths: Sequence[str], multipliers: Sequence[float]) -> list[float]:
+    return [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(paths))]
+
+
+def filter_lora_modules(sd: dict[str, torch.Tensor], include: Sequence[str] | None,
+                        exclude: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """Keep keys whose module stem (the part before `.lora_*`/`.alpha`) passes --include/--exclude_patterns."""
+    if not include and not exclude:
+        return sd
+    inc = [re.compile(p) for p in include or []]
+    exc = [re.compile(p) for p in exclude or []]
+
+    def keep(key: str) -> bool:
+        stem = re.split(r"\.(lora_|alpha)", key)[0]
+        if exc and any(p.search(stem) for p in exc):
+            return False
+        return not inc or any(p.search(stem) for p in inc)
+
+    return {k: v for k, v in sd.items() if keep(k)}
+
+
+def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequence[str], multipliers: Sequence[float],
+                         include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
+    """W_part += multiplier * alpha/rank * up[part rows] @ down for every LoRA module, in the diffusers model."""
+    from musubi_tuner.networks.lora import create_network_from_weights
+    from musubi_tuner.networks.lora_files import load_lora_file
+
+    for path, multiplier in zip(paths, _multipliers(paths, multipliers)):
+        sd = filter_lora_modules(load_lora_file(path)[0], include, exclude)
+        if not sd:
+            raise UserError(f"--lora_weight {path}: no module left after --include/--exclude_patterns")
+        network = create_network_from_weights(arch, dit, sd, multiplier)
+        network.load_weights(sd)
+        network.merge_to_base(multiplier)
+        logger.info("merged LoRA %s (%d modules, multiplier %s)", path, len(network.loras), multiplier)
+
+
+def save_merged_model(arch: Architecture, args: argparse.Namespace) -> None:
+    """Merge --lora_weight files into --dit in its ORIGINAL key layout and write --save_merged_model."""
+    from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict
+    from musubi_tuner.networks.lora_files import load_lora_file
+    from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
+
+    if not args.dit:
+        raise UserError("--save_merged_model needs --dit (the base model file)")
+    if not args.lora_weight:
+        raise UserError("--save_merged_model needs at least one --lora_weight")
+    base = load_state_dict(args.dit, flag="--dit")
+    loras = [filter_lora_modules(load_lora_file(p)[0], args.include_patterns, args.exclude_patterns)
+             for p in args.lora_weight]
+    merge_lora_into_original_state_dict(base, loras, _multipliers(args.lora_weight, args.lora_multiplier))
+    save_state_dict(base, args.save_merged_model)
+    print(f"saved merged model: {args.save_merged_model}")

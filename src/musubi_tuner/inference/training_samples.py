@@ -1,0 +1,58 @@
+"""Samples during training (--sample_prompts): the generate scripts' `render()` on the model being trained.
+
+Prompts are encoded once at start (then the text encoders are freed); the VAE stays loaded for decoding.
+Files go to `<output_dir>/sample/` named `{output_name}_{e000001|000100}_{idx:02d}_{timestamp}_{seed}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from musubi_tuner.architectures.base import Architecture
+from musubi_tuner.inference.generate import RenderSettings, encode_conditions, generation_metadata, render, resolve_spec
+from musubi_tuner.inference.prompts import PromptSpec, load_prompt_file
+
+logger = logging.getLogger(__name__)
+
+# Reference defaults for sample prompts (smaller than the generate scripts' defaults).
+SAMPLE_DEFAULTS = PromptSpec(width=256, height=256, frames=1, steps=20)
+
+
+class TrainingSampler:
+    def __init__(self, arch: Architecture, args: argparse.Namespace, device: torch.device):
+        self.arch, self.args, self.device = arch, args, device
+        self.specs = [resolve_spec(arch, s) for s in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
+        for spec in self.specs:
+            if spec.seed is None:
+                spec.seed = args.seed
+        text_encoders = arch.load_text_encoders(args, device)
+        self.conditions = [encode_conditions(arch, text_encoders, spec) for spec in self.specs]
+        del text_encoders
+        gc.collect()
+        self.latent_encoders = arch.load_latent_encoders(args, device)
+        self.settings = RenderSettings(device=device, progress=False)
+        self.folder = Path(args.output_dir) / "sample"
+        logger.info("%d sample prompts ready", len(self.specs))
+
+    def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
+        from musubi_tuner.inference.outputs import write_outputs
+
+        tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+        written: list[Path] = []
+        for spec, (cond, uncond) in zip(self.specs, self.conditions):
+            with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG
+                latents = render(self.arch, dit, self.latent_encoders, spec, cond, uncond, self.settings, self.args)
+            frames = self.arch.decode_latents(self.latent_encoders, latents)[0]
+            stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+            name = f"{self.args.output_name}_{tag}_{spec.index:02d}_{stamp}_{spec.seed}"
+            kind = "images" if frames.shape[0] == 1 else "video"
+            written += write_outputs(kind, frames, latents[0].cpu(), self.folder, spec.seed, self.arch.output_fps(self.args),
+                                     generation_metadata(spec), basename=name)
+        logger.info("samples written to %s", self.folder)
+        return written

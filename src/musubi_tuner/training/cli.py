@@ -1,0 +1,70 @@
+"""`<arch>_train_network.py`: parse (with --config_file), validate, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from musubi_tuner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Flags parsed for compatibility whose feature this build does not have yet: using them is an error, not a no-op.
+NOT_YET_SUPPORTED = ("blocks_to_swap", "block_swap_h2d_only", "compile", "fp8_scaled", "base_weights",
+                     "scale_weight_norms", "num_timestep_buckets", "gradient_checkpointing_cpu_offload",
+                     "flash_attn", "flash3", "xformers", "split_attn")
+
+
+def build_parser(arch) -> argparse.ArgumentParser:
+    from musubi_tuner.training.args import add_common_training_arguments
+
+    parser = argparse.ArgumentParser(description=f"{arch.script_prefix}: train a LoRA network")
+    add_common_training_arguments(parser)
+    arch.add_arguments(parser, "train")
+    return parser
+
+
+def check_not_yet_supported(args: argparse.Namespace) -> None:
+    used = [f"--{name}" for name in NOT_YET_SUPPORTED if getattr(args, name, None) not in (None, False, [], 0)]
+    if used:
+        raise UserError(f"{', '.join(used)}: not supported by this version yet; remove the flag (see docs/training.md)")
+
+
+def parse_training_args(arch, argv: list[str] | None) -> argparse.Namespace:
+    from musubi_tuner.training.args import validate_training_args
+    from musubi_tuner.training.config_file import apply_config_file
+
+    args = apply_config_file(build_parser(arch), argv)
+    validate_training_args(args)
+    check_not_yet_supported(args)
+    arch.validate_arguments(args, "train")
+    if not args.output_dir:
+        raise UserError("--output_dir is required (where the LoRA files go)")
+    if not args.output_name:
+        args.output_name = "lora"
+    if args.network_module is None:
+        args.network_module = arch.network_module
+    if args.network_dim is None and not args.dim_from_weights:
+        args.network_dim = 4
+    return args
+
+
+def train_main(arch_name: str, argv: list[str] | None) -> Path:
+    from musubi_tuner.architectures import get_architecture
+    from musubi_tuner.training.trainer import NetworkTrainer
+
+    arch = get_architecture(arch_name)
+    args = parse_training_args(arch, argv)
+    if args.show_timesteps:
+        import torch
+
+        from musubi_tuner.training.timesteps import TimestepConfig, print_timestep_histogram
+
+        if args.show_timesteps != "console":
+            raise UserError("--show_timesteps image is not supported; use --show_timesteps console")
+        print_timestep_histogram(TimestepConfig.from_args(args), torch.Generator().manual_seed(args.seed or 0))
+        return Path()
+    path = NetworkTrainer(arch, args).train()
+    print(f"LoRA saved: {path}")
+    return path

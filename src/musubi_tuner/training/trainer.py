@@ -1,0 +1,299 @@
+"""The LoRA training loop, shared by every architecture.
+
+`NetworkTrainer.train()` reads as a list of named steps; the per-step body is `_train_step`. Only the
+`Architecture` contract is called for model-specific work, so there are no family branches here.
+
+Exact resume: the data order is a pure function of (seed, epoch) (see dataset.batches), noise and
+timesteps come from one dedicated generator, and the state folder stores every RNG, the optimizer,
+the scheduler and the counters, so a resumed run continues bit-for-bit where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from musubi_tuner.architectures.base import Architecture
+from musubi_tuner.errors import TrainingAborted, UserError
+from musubi_tuner.training import checkpoint_files as names
+from musubi_tuner.training.optimizers import optimizer_eval_mode, optimizer_train_mode
+from musubi_tuner.training.state import TrainProgress, load_state, read_progress, save_state
+
+logger = logging.getLogger(__name__)
+
+
+class NetworkTrainer:
+    def __init__(self, arch: Architecture, args: argparse.Namespace):
+        self.arch = arch
+        self.args = args
+        self.progress = TrainProgress()
+        self.samples = None
+
+    # ---- the run, as named steps -------------------------------------------------------------
+    def train(self) -> Path:
+        self._setup_accelerator()
+        self._build_data()
+        self._load_dit()
+        self._build_network()
+        self._build_optimizer()
+        self._resume_if_asked()
+        self._prepare_sampling()
+        self._start_logging()
+        if self.args.sample_at_first and self.progress.global_step == 0:
+            self._sample(epoch=0)
+        self._run_epochs()
+        return self._finish()
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        args = self.args
+        if args.seed is None:
+            args.seed = random.randint(0, 2**31 - 1)
+        log_with = None if args.log_with is None else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
+        if log_with and not args.logging_dir:
+            raise UserError("--log_with needs --logging_dir (the folder for TensorBoard/W&B logs)")
+        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision or "no", log_with=log_with,
+                                       project_config=project)
+        self.device = self.accelerator.device
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        # noise and timesteps: one generator per process, saved in the state for exact resume
+        self.noise_generator = torch.Generator("cpu").manual_seed(args.seed + self.accelerator.process_index)
+
+    def _build_data(self) -> None:
+        from musubi_tuner.dataset.batches import CachedBatches
+        from musubi_tuner.dataset.config import load_dataset_config
+
+        if not self.args.dataset_config:
+            raise UserError("--dataset_config is required (the dataset TOML used for caching)")
+        specs = load_dataset_config(self.args.dataset_config, self.arch.traits)
+        self.batches = CachedBatches(specs, self.arch.traits, seed=self.args.seed,
+                                     text_cache_command=f"{self.arch.script_prefix}_cache_text_encoder_outputs.py")
+        if len(self.batches) == 0:
+            raise UserError(f"{self.args.dataset_config}: no cached items found; run the caching scripts first")
+        accum = self.args.gradient_accumulation_steps
+        shards = self.accelerator.num_processes
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.batches) / shards) / accum)
+        if self.args.max_train_epochs:
+            self.total_steps = self.args.max_train_epochs * self.steps_per_epoch
+        else:
+            self.total_steps = self.args.max_train_steps
+        logger.info("%d batches per epoch, %d steps per epoch, %d steps in total",
+                    len(self.batches), self.steps_per_epoch, self.total_steps)
+
+    def _load_dit(self) -> None:
+        args = self.args
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
+        self.dit = self.arch.load_dit(args, self.device, dtype)
+        if args.fp8_base:
+            from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
+
+            skip = tuple(getattr(type(self.dit), "_skip_layerwise_casting_patterns", None) or ())
+            cast_linear_weights_to_fp8(self.dit, include=getattr(self.arch, "fp8_targets", None), skip_patterns=skip)
+        if args.gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing()
+        self.dit.requires_grad_(False)
+
+    def _build_network(self) -> None:
+        from musubi_tuner.training.network_setup import build_network
+
+        self.network = build_network(self.arch, self.dit, self.args)
+        self.network.to(self.device)
+        self.network.train()
+
+    def _build_optimizer(self) -> None:
+        from musubi_tuner.training.lr_schedulers import build_lr_scheduler
+        from musubi_tuner.training.optimizers import build_optimizer
+
+        ratio = getattr(self.network, "loraplus_lr_ratio", None)
+        groups = self.network.prepare_optimizer_params(self.args.learning_rate, ratio)
+        self.optimizer, self.optimizer_info = build_optimizer(self.args, groups)
+        # accelerate steps a prepared scheduler once per process, so it is sized for all of them
+        self.lr_scheduler = build_lr_scheduler(self.args, self.optimizer, self.total_steps * self.accelerator.num_processes,
+                                               self.optimizer_info)
+        # the network is not wrapped in DDP (its forward is never called); gradients are averaged by hand
+        self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
+
+    def _resume_if_asked(self) -> None:
+        if not self.args.resume:
+            return
+        saved = read_progress(Path(self.args.resume))
+        self.progress = load_state(Path(self.args.resume), network=self.network, optimizer=self.optimizer,
+                                   lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator)
+        if saved.batches_per_epoch and saved.batches_per_epoch != len(self.batches):
+            logger.warning("the dataset changed since %s was saved (%d batches per epoch then, %d now): "
+                           "the data order will differ from the interrupted run", self.args.resume,
+                           saved.batches_per_epoch, len(self.batches))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", self.args.resume, self.progress.global_step,
+                    self.progress.epoch + 1, self.progress.batch_in_epoch)
+
+    def _prepare_sampling(self) -> None:
+        if not self.args.sample_prompts:
+            return
+        from musubi_tuner.inference.training_samples import TrainingSampler
+
+        self.samples = TrainingSampler(self.arch, self.args, self.device)
+
+    def _start_logging(self) -> None:
+        if self.args.log_with:
+            config = vars(self.args) if self.args.log_config else {}
+            config = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) and "key" not in k}
+            self.accelerator.init_trackers(self.args.log_tracker_name or "network_train", config=config)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _run_epochs(self) -> None:
+        from musubi_tuner.training.logging_utils import MovingAverage
+
+        self.loss_average = MovingAverage()
+        self.bar = tqdm(total=self.total_steps, initial=self.progress.global_step, desc="steps",
+                        disable=not self.accelerator.is_local_main_process)
+        optimizer_train_mode(self.optimizer)
+        while self.progress.global_step < self.total_steps:
+            if self._run_epoch(self.progress.epoch):
+                self._end_epoch()
+        self.bar.close()
+
+    def _run_epoch(self, epoch: int) -> bool:
+        """Run the rest of `epoch`; True when all its batches were used (False: the step budget ran out)."""
+        accum = self.args.gradient_accumulation_steps
+        batches = self._my_batches(epoch)
+        start = self.progress.batch_in_epoch
+        for group_start in range(start, len(batches), accum):
+            if self.progress.global_step >= self.total_steps:
+                return False
+            group = batches[group_start:group_start + accum]
+            loss = self._train_step(group)
+            self.progress.batch_in_epoch = group_start + len(group)
+            self._after_step(loss)
+        return True
+
+    def _my_batches(self, epoch: int) -> list[Any]:
+        """This process's share of the epoch's batches (round-robin over processes)."""
+        batches = self.batches.batches_for_epoch(epoch)
+        return batches[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def _train_step(self, group: list[Any]) -> float:
+        total = 0.0
+        for entries in group:
+            batch = self.batches.load_batch(entries)
+            loss = self._loss(batch) / len(group)
+            loss.backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            last = self._last_saved or "none yet"
+            raise TrainingAborted(f"loss is {total} at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}); "
+                                  f"nothing was saved after it, last saved LoRA: {last}. "
+                                  "Lower --learning_rate or use --mixed_precision bf16 instead of fp16.")
+        self._average_gradients()
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        from musubi_tuner.training.timesteps import compute_loss_weighting, sample_noisy_input
+
+        latents = batch["latents"].to(self.device, torch.float32)
+        noise = torch.randn(latents.shape, generator=self.noise_generator).to(self.device)
+        seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
+        noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
+                                                      batch.get("timesteps"))
+        with self.accelerator.autocast():
+            pred = self.arch.predict(self.dit, batch, noisy, timesteps)
+        target = noise - latents
+        loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="none")
+        loss = loss.mean(dim=list(range(1, loss.ndim)))
+        loss = loss * compute_loss_weighting(self.args.weighting_scheme, timesteps).to(loss.device)
+        return loss.mean()
+
+    def _average_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.network.parameters():
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def _after_step(self, loss: float) -> None:
+        self.progress.global_step += 1
+        step = self.progress.global_step
+        self.loss_average.add(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{self.loss_average.value:.4f}")
+        if self.args.log_with:
+            from musubi_tuner.training.logging_utils import step_logs
+
+            logs = step_logs(loss, self.loss_average.value, self.lr_scheduler.get_last_lr(),
+                             optimizer_type=self.args.optimizer_type, param_groups=self.optimizer.param_groups)
+            self.accelerator.log(logs, step=step)
+        if self.args.save_every_n_steps and step % self.args.save_every_n_steps == 0 and step < self.total_steps:
+            self._save(names.step_lora_name(self.args.output_name, step), kind="step", number=step)
+        if self.args.sample_every_n_steps and step % self.args.sample_every_n_steps == 0:
+            self._sample(step=step)
+
+    def _end_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
+        epoch = self.progress.epoch
+        self.loss_average.new_epoch()
+        last_epoch = self.args.max_train_epochs and epoch >= self.args.max_train_epochs
+        if self.args.save_every_n_epochs and epoch % self.args.save_every_n_epochs == 0 and not last_epoch:
+            self._save(names.epoch_lora_name(self.args.output_name, epoch), kind="epoch", number=epoch)
+        if self.args.sample_every_n_epochs and epoch % self.args.sample_every_n_epochs == 0:
+            self._sample(epoch=epoch)
+
+    # ---- saving --------------------------------------------------------------------------------
+    _last_saved: str | None = None
+
+    def _save(self, lora_file: str, *, kind: str, number: int | None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from musubi_tuner.training.network_setup import save_network
+
+        optimizer_eval_mode(self.optimizer)  # schedule-free optimizers: save the averaged weights
+        out = Path(self.args.output_dir)
+        path = out / lora_file
+        save_network(self.network, self.arch, self.args, path, self.progress)
+        self._last_saved = str(path)
+        logger.info("saved %s", path)
+        if self.args.save_state or (kind == "final" and self.args.save_state_on_train_end):
+            state_dir = out / names.state_dir_name(self.args.output_name, kind, number)
+            self.progress.batches_per_epoch = len(self.batches)
+            save_state(state_dir, network_sd=self.network.state_dict(), optimizer=self.optimizer,
+                       lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator, progress=self.progress)
+            logger.info("saved state %s", state_dir)
+        optimizer_train_mode(self.optimizer)
+        if kind in ("epoch", "step"):
+            for stale in names.stale_saves(out, self.args, kind, number):
+                names.remove_path(stale)
+
+    def _sample(self, *, epoch: int | None = None, step: int | None = None) -> None:
+        if self.samples is not None and self.accelerator.is_main_process:
+            self.network.eval()  # no LoRA dropout while sampling
+            try:
+                self.samples.run(self.dit, epoch=epoch, step=step)
+            finally:
+                self.network.train()
+
+    def _finish(self) -> Path:
+        self.accelerator.wait_for_everyone()
+        path = Path(self.args.output_dir) / names.final_lora_name(self.args.output_name)
+        self._save(path.name, kind="final", number=None)
+        self.accelerator.end_training()
+        return path
