@@ -1,0 +1,179 @@
+"""Wan end to end through the command-line entry points, on tiny model files in the real layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from musubi_tuner import merge_lora, wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
+from wan_fixtures import make_workspace
+
+
+def run(main, argv):
+    """Run a CLI main; return its exit code (0 on success)."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("wan"))
+    assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--device", "cpu"]) == 0
+    assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(ws.toml), *ws.t5_args, "--device", "cpu"]) == 0
+    return ws
+
+
+def test_cache_files_follow_the_reference_names_and_keys(ws):
+    img = sorted(p.name for p in (ws.root / "data" / "cache_img").iterdir())
+    vid = sorted(p.name for p in (ws.root / "data" / "cache_vid").iterdir())
+    assert img == ["green_dot_0032x0032_wan.safetensors", "green_dot_wan_te.safetensors",
+                   "red_dot_0032x0032_wan.safetensors", "red_dot_wan_te.safetensors"]
+    assert vid == ["blue_square_00000-005_0032x0032_wan.safetensors", "blue_square_wan_te.safetensors"]
+    with safe_open(str(ws.root / "data" / "cache_vid" / vid[0]), "pt") as f:
+        assert list(f.keys()) == ["latents_2x4x4_float32"]
+        assert f.metadata()["architecture"] == "wan"
+        assert f.metadata()["frame_count"] == "5"
+    with safe_open(str(ws.root / "data" / "cache_vid" / vid[1]), "pt") as f:
+        (key,) = f.keys()
+        assert key.startswith("varlen_t5_") and f.get_tensor(key).shape[1] == 32
+        assert f.metadata()["caption1"] == "a blue square moving"
+
+
+def test_skip_existing_is_incremental_and_stale_caches_go(ws, capsys):
+    stale = ws.root / "data" / "cache_img" / "gone_0032x0032_wan.safetensors"
+    stale.write_bytes(b"x")
+    assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--skip_existing"]) == 0
+    out = capsys.readouterr().out
+    assert "0 written, 3 already cached (skipped), 1 stale removed" in out
+    assert not stale.exists()
+
+
+def test_config_with_zero_items_fails_before_any_model_loads(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    toml = tmp_path / "d.toml"
+    toml.write_text(f'[general]\nresolution = [32, 32]\n[[datasets]]\nimage_directory = "{empty.as_posix()}"\n')
+    code = run(wan_cache_latents.main, ["--dataset_config", str(toml), "--vae", str(tmp_path / "missing_vae.pth")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no items" in err.lower() or "zero" in err.lower() or "0 items" in err.lower()
+    assert "missing_vae" not in err  # the VAE was never touched
+
+
+def _eval_loss(dit_path, lora_path, cache_dir) -> float:
+    """Flow-matching loss of DiT(+LoRA) on the cached clip at fixed timesteps and noise."""
+    from musubi_tuner.architectures.wan import WanArchitecture
+    from musubi_tuner.architectures.wan.dit_files import load_wan_dit
+    from musubi_tuner.dataset.cache_files import read_cache
+    from musubi_tuner.inference.lora_merge import merge_loras_into_dit
+
+    arch = WanArchitecture()
+    dit = load_wan_dit(dit_path, dtype=torch.float32)
+    if lora_path is not None:
+        merge_loras_into_dit(arch, dit, [str(lora_path)], [1.0])
+    latents, _ = read_cache(next(cache_dir.glob("*_0032x0032_wan.safetensors")))
+    text, _ = read_cache(next(cache_dir.glob("*_te.safetensors")))
+    x0 = latents["latents"][None].float()
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for t in (0.2, 0.4, 0.6, 0.8):
+        noise = torch.randn(x0.shape, generator=gen)
+        noisy = (1 - t) * x0 + t * noise
+        with torch.no_grad():
+            pred = arch.predict(dit, {"t5": [text["t5"]]}, noisy, torch.tensor([t * 1000.0]))
+        losses.append(torch.mean((pred - (noise - x0)) ** 2).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_overfits_one_clip_and_writes_reference_files(ws, tmp_path):
+    # only the video dataset: overfit one clip
+    toml = tmp_path / "clip.toml"
+    text = ws.toml.read_text()
+    toml.write_text(text[:text.index("[[datasets]]")] + text[text.index("[[datasets]]", text.index("[[datasets]]") + 1):])
+    out = tmp_path / "out"
+    args = ws.train_args(out, 40, "--save_every_n_steps", "20", "--learning_rate", "5e-3", "--network_dim", "8",
+                         "--network_alpha", "8")
+    args[args.index("--dataset_config") + 1] = str(toml)
+    assert run(wan_train_network.main, args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000020.safetensors", "lora.safetensors"]
+    sd = load_file(str(out / "lora.safetensors"))
+    assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in sd and "lora_unet_blocks_1_ffn_2.alpha" in sd
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora_wan" and meta["modelspec.architecture"].startswith("wan2.1")
+    assert "sshs_model_hash" in meta
+    cache_dir = ws.root / "data" / "cache_vid"
+    before = _eval_loss(ws.dit, None, cache_dir)
+    after = _eval_loss(ws.dit, out / "lora.safetensors", cache_dir)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resumed_run_gives_the_same_lora_as_an_uninterrupted_one(ws, tmp_path):
+    # 3 batches per epoch, accumulation 2 -> 2 steps per epoch; the state at step 3 sits mid-epoch 2.
+    extra = ["--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+             "--network_dropout", "0.1", "--timestep_sampling", "logsnr", "--save_every_n_steps", "3", "--save_state"]
+    full = tmp_path / "full"
+    assert run(wan_train_network.main, ws.train_args(full, 6, *extra)) == 0
+    state = full / "lora-step00000003-state"
+    assert (state / "musubi_state.json").exists()
+    resumed = tmp_path / "resumed"
+    assert run(wan_train_network.main, ws.train_args(resumed, 6, *extra, "--resume", str(state))) == 0
+    a, b = load_file(str(full / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with safe_open(str(resumed / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "6"
+
+
+def test_resume_refuses_an_incomplete_state(ws, tmp_path, capsys):
+    broken = tmp_path / "lora-step00000003-state"
+    broken.mkdir()
+    (broken / "network.safetensors").write_bytes(b"")
+    code = run(wan_train_network.main, ws.train_args(tmp_path / "o", 2, "--resume", str(broken)))
+    assert code == 2
+    assert "incomplete state" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_saved_files(ws, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = ws.train_args(out, 30, "--save_every_n_steps", "1", "--learning_rate", "1e30", "--max_grad_norm", "0")
+    code = run(wan_train_network.main, args)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
+    saved = sorted(out.glob("lora-step*.safetensors"))
+    assert saved and "lora.safetensors" not in [p.name for p in out.iterdir()]
+    load_file(str(saved[-1]))  # the last saved LoRA is intact
+
+
+def test_generation_is_reproducible_by_seed_and_merge_matches(ws, tmp_path):
+    out = tmp_path / "train"
+    assert run(wan_train_network.main, ws.train_args(out, 3)) == 0
+    lora = out / "lora.safetensors"
+
+    def generate(seed: int, folder):
+        argv = ["--task", "t2v-1.3B", "--dit", str(ws.dit), *ws.vae_args, *ws.t5_args, "--lora_weight", str(lora),
+                "--prompt", "a blue square", "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "4",
+                "--seed", str(seed), "--save_path", str(folder), "--output_type", "both", "--device", "cpu"]
+        assert run(wan_generate_video.main, argv) == 0
+        (latent,) = folder.glob("*_latent.safetensors")
+        assert len(list(folder.glob("*.mp4"))) == 1
+        return load_file(str(latent))["latent"]
+
+    a, b, c = generate(5, tmp_path / "a"), generate(5, tmp_path / "b"), generate(6, tmp_path / "c")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    merged = tmp_path / "merged.safetensors"
+    assert run(merge_lora.main, ["--dit", str(ws.dit), "--lora_weight", str(lora), "--save_merged_model", str(merged)]) == 0
+    base, lora_sd, m = load_file(str(ws.dit)), load_file(str(lora)), load_file(str(merged))
+    down = lora_sd["lora_unet_blocks_0_self_attn_q.lora_down.weight"]
+    up = lora_sd["lora_unet_blocks_0_self_attn_q.lora_up.weight"]
+    scale = lora_sd["lora_unet_blocks_0_self_attn_q.alpha"].item() / down.shape[0]
+    expected = base["blocks.0.self_attn.q.weight"] + scale * (up @ down)
+    torch.testing.assert_close(m["blocks.0.self_attn.q.weight"], expected, rtol=0, atol=1e-6)
