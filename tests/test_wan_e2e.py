@@ -177,3 +177,15 @@ def test_generation_is_reproducible_by_seed_and_merge_matches(ws, tmp_path):
     scale = lora_sd["lora_unet_blocks_0_self_attn_q.alpha"].item() / down.shape[0]
     expected = base["blocks.0.self_attn.q.weight"] + scale * (up @ down)
     torch.testing.assert_close(m["blocks.0.self_attn.q.weight"], expected, rtol=0, atol=1e-6)
+
+
+def test_resume_continues_the_loss_average_and_counters(ws, tmp_path):
+    import json
+
+    out = tmp_path / "o"
+    assert run(wan_train_network.main, ws.train_args(out, 4, "--save_every_n_steps", "2", "--save_state")) == 0
+    progress = json.loads((out / "lora-step00000002-state" / "musubi_state.json").read_text())
+    assert progress["global_step"] == 2 and progress["epoch"] == 0 and progress["batch_in_epoch"] == 2
+    assert len(progress["loss_window"]["values"]) == 2
+    final = json.loads((out / "lora-state" / "musubi_state.json").read_text())  # --save_state also saves at the end
+    assert final["global_step"] == 4 and len(final["loss_window"]["values"]) == 3  # one epoch = 3 batches

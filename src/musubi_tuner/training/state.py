@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class TrainProgress:
     """Next batch index to run within `epoch`."""
     batches_per_epoch: int = 0
     """Recorded so a resume with a changed dataset is noticed."""
+    loss_window: dict = field(default_factory=dict)
+    """The moving-average loss window (`MovingAverage.state_dict()`), so avr_loss continues too."""
 
 
 def capture_rng(noise_generator: torch.Generator) -> dict[str, Any]:

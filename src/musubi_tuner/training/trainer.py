@@ -64,6 +64,11 @@ class NetworkTrainer:
         log_with = None if args.log_with is None else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
         if log_with and not args.logging_dir:
             raise UserError("--log_with needs --logging_dir (the folder for TensorBoard/W&B logs)")
+        if log_with and "wandb" in log_with:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UserError("--log_with wandb needs the wandb package: pip install wandb (or pip install musubi-tuner[wandb])") from None
         project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision or "no", log_with=log_with,
                                        project_config=project)
@@ -149,16 +154,35 @@ class NetworkTrainer:
         self.samples = TrainingSampler(self.arch, self.args, self.device)
 
     def _start_logging(self) -> None:
-        if self.args.log_with:
-            config = vars(self.args) if self.args.log_config else {}
-            config = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool)) and "key" not in k}
-            self.accelerator.init_trackers(self.args.log_tracker_name or "network_train", config=config)
+        args = self.args
+        if not args.log_with:
+            return
+        config = {k: v for k, v in vars(args).items()
+                  if isinstance(v, (int, float, str, bool)) and "key" not in k and "token" not in k} if args.log_config else {}
+        init_kwargs = {}
+        if args.log_tracker_config:
+            import toml
+
+            init_kwargs = toml.load(args.log_tracker_config)
+        if args.log_with in ("wandb", "all"):
+            if args.wandb_api_key:
+                import wandb
+
+                wandb.login(key=args.wandb_api_key)
+            if args.wandb_run_name:
+                init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+        name = args.log_tracker_name or "network_train"
+        if args.log_prefix:
+            name = args.log_prefix + name
+        self.accelerator.init_trackers(name, config=config, init_kwargs=init_kwargs)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _run_epochs(self) -> None:
         from musubi_tuner.training.logging_utils import MovingAverage
 
         self.loss_average = MovingAverage()
+        if self.progress.loss_window:
+            self.loss_average.load_state_dict(self.progress.loss_window)
         self.bar = tqdm(total=self.total_steps, initial=self.progress.global_step, desc="steps",
                         disable=not self.accelerator.is_local_main_process)
         optimizer_train_mode(self.optimizer)
@@ -275,6 +299,7 @@ class NetworkTrainer:
         if self.args.save_state or (kind == "final" and self.args.save_state_on_train_end):
             state_dir = out / names.state_dir_name(self.args.output_name, kind, number)
             self.progress.batches_per_epoch = len(self.batches)
+            self.progress.loss_window = self.loss_average.state_dict()
             save_state(state_dir, network_sd=self.network.state_dict(), optimizer=self.optimizer,
                        lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator, progress=self.progress)
             logger.info("saved state %s", state_dir)
