@@ -189,3 +189,20 @@ def test_resume_continues_the_loss_average_and_counters(ws, tmp_path):
     assert len(progress["loss_window"]["values"]) == 2
     final = json.loads((out / "lora-state" / "musubi_state.json").read_text())  # --save_state also saves at the end
     assert final["global_step"] == 4 and len(final["loss_window"]["values"]) == 3  # one epoch = 3 batches
+
+
+def test_generate_from_file_and_interactive(ws, tmp_path, monkeypatch):
+    import io
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red dot --w 32 --h 32 --f 1 --s 2 --d 1\na blue square --w 32 --h 32 --f 5 --s 2 --d 2\n")
+    base = ["--task", "t2v-1.3B", "--dit", str(ws.dit), *ws.vae_args, *ws.t5_args, "--save_path", str(tmp_path / "f"),
+            "--output_type", "latent", "--guidance_scale", "1.0"]
+    assert run(wan_generate_video.main, [*base, "--from_file", str(prompts)]) == 0
+    shapes = sorted(tuple(load_file(str(p))["latent"].shape) for p in (tmp_path / "f").glob("*.safetensors"))
+    assert shapes == [(16, 1, 4, 4), (16, 2, 4, 4)]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a green dot --w 32 --h 32 --f 1 --s 2 --d 9\n"))
+    base[base.index("--save_path") + 1] = str(tmp_path / "i")
+    assert run(wan_generate_video.main, [*base, "--interactive"]) == 0
+    assert len(list((tmp_path / "i").glob("*_9_latent.safetensors"))) == 1

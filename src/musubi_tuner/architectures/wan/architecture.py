@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 from musubi_tuner.architectures.base import Architecture, GenerationDefaults
+from musubi_tuner.architectures.common import (  # noqa: F401 (re-exported for older imports)
+    dit_compute_dtype,
+    model_range_to_pixels,
+    pixels_to_model_range,
+    str_to_dtype,
+)
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
@@ -32,16 +38,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
-def str_to_dtype(name: str | None, default: torch.dtype, flag: str) -> torch.dtype:
-    if name is None:
-        return default
-    table = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise UserError(f"{flag} {name!r} is not a dtype; use one of float32, float16, bfloat16")
-    return table[name]
-
-
 @dataclass
 class WanLatentEncoders:
     vae: nn.Module
@@ -52,18 +48,6 @@ class WanLatentEncoders:
 class WanTextEncoders:
     t5: nn.Module
     tokenizer: Any
-
-
-def pixels_to_model_range(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1]."""
-    video = pixels.permute(0, 4, 1, 2, 3).to(device=device, dtype=torch.float32)
-    return (video / 127.5 - 1.0).to(dtype)
-
-
-def model_range_to_pixels(video: torch.Tensor) -> torch.Tensor:
-    """float (B, 3, F, H, W) in [-1, 1] -> uint8 (B, F, H, W, 3)."""
-    video = ((video.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return video.permute(0, 2, 3, 4, 1).cpu()
 
 
 def pad_text_embeddings(embeddings: list[torch.Tensor], length: int = TEXT_LENGTH) -> torch.Tensor:
@@ -244,16 +228,18 @@ class WanArchitecture(Architecture):
         return wan_dit_to_original(state_dict)
 
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        dtype = next(p for p in dit.parameters() if p.is_floating_point()).dtype
-        if dtype.itemsize == 1:  # fp8 storage: compute in bf16
-            dtype = torch.bfloat16
+        dtype = dit_compute_dtype(dit)
         device = noisy_latents.device
         context = pad_text_embeddings([t.to(device) for t in batch["t5"]]).to(dtype)
         hidden = noisy_latents
         if "latents_image" in batch:
             hidden = torch.cat([hidden, batch["latents_image"].to(device, hidden.dtype)], dim=1)
         clip = batch.get("clip")
-        clip = clip.to(device, dtype) if clip is not None else None
+        if clip is not None:
+            clip = clip.to(device, dtype)
+            if getattr(dit.config, "pos_embed_seq_len", None):
+                # FLF2V: diffusers wants first/last image tokens as separate rows, (2B, N, D), and re-joins them
+                clip = clip.reshape(clip.shape[0] * 2, clip.shape[1] // 2, clip.shape[2])
         out = dit(hidden_states=hidden.to(dtype), timestep=timesteps.to(device), encoder_hidden_states=context,
                   encoder_hidden_states_image=clip, return_dict=False)[0]
         return out.to(noisy_latents.dtype)
