@@ -206,3 +206,38 @@ def test_generate_from_file_and_interactive(ws, tmp_path, monkeypatch):
     base[base.index("--save_path") + 1] = str(tmp_path / "i")
     assert run(wan_generate_video.main, [*base, "--interactive"]) == 0
     assert len(list((tmp_path / "i").glob("*_9_latent.safetensors"))) == 1
+
+
+def test_resume_is_exact_with_timestep_buckets(ws, tmp_path):
+    extra = ["--timestep_sampling", "sigmoid", "--num_timestep_buckets", "3", "--save_every_n_steps", "2", "--save_state"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run(wan_train_network.main, ws.train_args(full, 5, *extra)) == 0
+    assert run(wan_train_network.main, ws.train_args(resumed, 5, *extra, "--resume", str(full / "lora-step00000002-state"))) == 0
+    a, b = load_file(str(full / "lora.safetensors")), load_file(str(resumed / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scale_weight_norms_bounds_every_module(ws, tmp_path):
+    out = tmp_path / "o"
+    args = ws.train_args(out, 4, "--scale_weight_norms", "0.01", "--learning_rate", "1e-2")
+    assert run(wan_train_network.main, args) == 0
+    sd = load_file(str(out / "lora.safetensors"))
+    for key in [k for k in sd if k.endswith("lora_down.weight")]:
+        stem = key[: -len(".lora_down.weight")]
+        delta = sd[f"{stem}.lora_up.weight"].float() @ sd[key].float() * (sd[f"{stem}.alpha"].item() / sd[key].shape[0])
+        assert delta.norm() <= 0.01 * 1.001, stem
+
+
+def test_base_weights_are_merged_before_training(ws, tmp_path):
+    first = tmp_path / "first"
+    assert run(wan_train_network.main, ws.train_args(first, 2)) == 0
+    second = tmp_path / "second"
+    args = ws.train_args(second, 1, "--base_weights", str(first / "lora.safetensors"), "--base_weights_multiplier", "1.0",
+                         "--sdpa")
+    assert run(wan_train_network.main, args) == 0
+    assert (second / "lora.safetensors").exists()
+
+
+def test_unavailable_attention_backend_is_a_clear_error(ws, tmp_path, capsys):
+    assert run(wan_train_network.main, ws.train_args(tmp_path, 1, "--xformers")) == 2
+    assert "xformers" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from musubi_tuner.inference.prompts import PromptSpec
 logger = logging.getLogger(__name__)
 
 # Parsed for compatibility with reference command lines; using them is an error until implemented.
-NOT_YET_SUPPORTED = ("fp8_scaled", "fp8_fast", "blocks_to_swap", "compile", "lycoris")
+NOT_YET_SUPPORTED = ("fp8_scaled", "fp8_fast", "blocks_to_swap", "lycoris")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8_scaled", action="store_true")
     parser.add_argument("--fp8_fast", action="store_true")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    parser.add_argument("--attn_mode", default="torch", help="attention backend (torch/sdpa)")
+    parser.add_argument("--attn_mode", default="torch", help="attention backend: torch/sdpa, flash, flash3, xformers, sageattn")
     parser.add_argument("--blocks_to_swap", type=int, default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--lycoris", action="store_true")
@@ -73,6 +73,11 @@ class GenerationSession:
         self.dit = self.arch.load_dit(self.args, self.device, dtype)
         merge_loras_into_dit(self.arch, self.dit, self.args.lora_weight, self.args.lora_multiplier,
                              self.args.include_patterns, self.args.exclude_patterns)
+        from musubi_tuner.memory.attention import apply_attention_backend, compile_dit
+
+        apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")
+        if self.args.compile:
+            compile_dit(self.dit)
         if self.args.fp8:
             from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
 

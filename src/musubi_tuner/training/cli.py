@@ -11,9 +11,8 @@ from musubi_tuner.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Flags parsed for compatibility whose feature this build does not have yet: using them is an error, not a no-op.
-NOT_YET_SUPPORTED = ("blocks_to_swap", "block_swap_h2d_only", "compile", "fp8_scaled", "base_weights",
-                     "scale_weight_norms", "num_timestep_buckets", "gradient_checkpointing_cpu_offload",
-                     "flash_attn", "flash3", "xformers", "split_attn")
+NOT_YET_SUPPORTED = ("blocks_to_swap", "block_swap_h2d_only", "fp8_scaled", "gradient_checkpointing_cpu_offload",
+                     "split_attn", "img_in_txt_in_offloading")
 
 
 def build_parser(arch) -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ class NetworkTrainer:
         self.args = args
         self.progress = TrainProgress()
         self.samples = None
+        self.max_norm_stats: tuple[int, float, float] | None = None
 
     # ---- the run, as named steps -------------------------------------------------------------
     def train(self) -> Path:
@@ -109,9 +110,17 @@ class NetworkTrainer:
 
             skip = tuple(getattr(type(self.dit), "_skip_layerwise_casting_patterns", None) or ())
             cast_linear_weights_to_fp8(self.dit, include=getattr(self.arch, "fp8_targets", None), skip_patterns=skip)
+        if args.base_weights:
+            from musubi_tuner.inference.lora_merge import merge_loras_into_dit
+
+            merge_loras_into_dit(self.arch, self.dit, args.base_weights, args.base_weights_multiplier or [])
         if args.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
         self.dit.requires_grad_(False)
+        from musubi_tuner.memory.attention import apply_attention_backend
+        from musubi_tuner.training.args import attention_mode
+
+        apply_attention_backend(self.dit, attention_mode(args), "attention flag")
 
     def _build_network(self) -> None:
         from musubi_tuner.training.network_setup import build_network
@@ -119,6 +128,12 @@ class NetworkTrainer:
         self.network = build_network(self.arch, self.dit, self.args)
         self.network.to(self.device)
         self.network.train()
+        if self.args.compile:  # after the LoRA wrappers are in place, so they are compiled with the blocks
+            from musubi_tuner.memory.attention import compile_dit
+
+            dynamic = {"true": True, "false": False}.get(self.args.compile_dynamic or "auto")
+            compile_dit(self.dit, backend=self.args.compile_backend, mode=self.args.compile_mode, dynamic=dynamic,
+                        fullgraph=self.args.compile_fullgraph)
 
     def _build_optimizer(self) -> None:
         from musubi_tuner.training.lr_schedulers import build_lr_scheduler
@@ -195,12 +210,14 @@ class NetworkTrainer:
         """Run the rest of `epoch`; True when all its batches were used (False: the step budget ran out)."""
         accum = self.args.gradient_accumulation_steps
         batches = self._my_batches(epoch)
+        pool = self._timestep_pool(epoch, batches)
         start = self.progress.batch_in_epoch
         for group_start in range(start, len(batches), accum):
             if self.progress.global_step >= self.total_steps:
                 return False
             group = batches[group_start:group_start + accum]
-            loss = self._train_step(group)
+            uniforms = None if pool is None else [pool[i, :len(b)] for i, b in enumerate(group, start=group_start)]
+            loss = self._train_step(group, uniforms)
             self.progress.batch_in_epoch = group_start + len(group)
             self._after_step(loss)
         return True
@@ -210,11 +227,21 @@ class NetworkTrainer:
         batches = self.batches.batches_for_epoch(epoch)
         return batches[self.accelerator.process_index::self.accelerator.num_processes]
 
-    def _train_step(self, group: list[Any]) -> float:
+    def _timestep_pool(self, epoch: int, batches: list[Any]) -> torch.Tensor | None:
+        """--num_timestep_buckets: stratified uniforms for the epoch, from (seed, epoch) so resume sees the same."""
+        if not self.args.num_timestep_buckets:
+            return None
+        from musubi_tuner.training.timesteps import stratified_timestep_pool
+
+        gen = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+        width = max(len(b) for b in batches)
+        return stratified_timestep_pool(self.args.num_timestep_buckets, len(batches), width, gen)
+
+    def _train_step(self, group: list[Any], uniforms: list[torch.Tensor] | None = None) -> float:
         total = 0.0
-        for entries in group:
+        for index, entries in enumerate(group):
             batch = self.batches.load_batch(entries)
-            loss = self._loss(batch) / len(group)
+            loss = self._loss(batch, None if uniforms is None else uniforms[index]) / len(group)
             loss.backward()
             total += loss.item()
         if not math.isfinite(total):
@@ -229,16 +256,18 @@ class NetworkTrainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.args.scale_weight_norms:
+            self.max_norm_stats = self.network.apply_max_norm_regularization(self.args.scale_weight_norms, self.device)
         return total
 
-    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, Any], uniform: torch.Tensor | None = None) -> torch.Tensor:
         from musubi_tuner.training.timesteps import compute_loss_weighting, sample_noisy_input
 
         latents = batch["latents"].to(self.device, torch.float32)
         noise = torch.randn(latents.shape, generator=self.noise_generator).to(self.device)
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
         noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
-                                                      batch.get("timesteps"))
+                                                      uniform)
         with self.accelerator.autocast():
             pred = self.arch.predict(self.dit, batch, noisy, timesteps)
         target = noise - latents
@@ -263,8 +292,10 @@ class NetworkTrainer:
         if self.args.log_with:
             from musubi_tuner.training.logging_utils import step_logs
 
+            scaled, mean_norm, max_norm = self.max_norm_stats or (None, None, None)
             logs = step_logs(loss, self.loss_average.value, self.lr_scheduler.get_last_lr(),
-                             optimizer_type=self.args.optimizer_type, param_groups=self.optimizer.param_groups)
+                             optimizer_type=self.args.optimizer_type, param_groups=self.optimizer.param_groups,
+                             keys_scaled=scaled, mean_norm=mean_norm, max_norm=max_norm)
             self.accelerator.log(logs, step=step)
         if self.args.save_every_n_steps and step % self.args.save_every_n_steps == 0 and step < self.total_steps:
             self._save(names.step_lora_name(self.args.output_name, step), kind="step", number=step)
