@@ -8,16 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from musubi_tuner import merge_lora, wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
-from wan_fixtures import make_workspace
+from wan_fixtures import make_workspace, run
 
 
-def run(main, argv):
-    """Run a CLI main; return its exit code (0 on success)."""
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 @pytest.fixture(scope="module")

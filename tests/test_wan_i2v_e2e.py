@@ -12,15 +12,9 @@ from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_
 from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
 from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
 from musubi_tuner.demo_data import COLORS, moving_clip
-from wan_fixtures import write_clip_dataset
+from wan_fixtures import run, write_clip_dataset
 
 
-def run(main, argv):
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 @pytest.fixture(scope="module")

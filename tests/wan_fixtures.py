@@ -10,6 +10,15 @@ from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_
 from musubi_tuner.demo_data import COLORS, moving_clip
 
 
+def run(main, argv: list[str]) -> int:
+    """Run a CLI `main`; its exit code (0 on success, 2 for a user error)."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
 @dataclass
 class WanWorkspace:
     root: Path

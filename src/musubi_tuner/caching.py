@@ -12,7 +12,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -66,13 +66,20 @@ def load_datasets(arch: Architecture, args: argparse.Namespace) -> list[DatasetI
     return datasets
 
 
-def remove_stale(cache_dir: Path, pattern: str, expected: set[Path], summary: CacheSummary, keep: bool) -> None:
-    if keep or not cache_dir.is_dir():
+def remove_stale(datasets: list[DatasetItems], cache_path_of: Callable[[Item], Path], pattern: str,
+                 summary: CacheSummary, keep: bool) -> None:
+    """Delete caches matching `pattern` in each dataset's cache folder that no current item would write."""
+    if keep:
         return
-    for path in cache_dir.glob(pattern):
-        if path.resolve() not in expected:
-            path.unlink()
-            summary.removed_stale += 1
+    for dataset in datasets:
+        cache_dir = dataset.spec.cache_directory
+        expected = {cache_path_of(item).resolve() for item in dataset.items}
+        if cache_dir is None or not cache_dir.is_dir():
+            continue
+        for path in cache_dir.glob(pattern):
+            if path.resolve() not in expected:
+                path.unlink()
+                summary.removed_stale += 1
 
 
 def batched(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -105,10 +112,7 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
                                     latent_metadata(item.original_size, frames))
                         summary.written += 1
                     bar.update(len(batch))
-    for dataset in datasets:
-        expected = {i.latent_cache_path.resolve() for i in dataset.items}
-        remove_stale(dataset.spec.cache_directory, f"*_{arch.traits.cache_code}.safetensors", expected, summary,
-                     args.keep_cache)
+    remove_stale(datasets, lambda i: i.latent_cache_path, f"*_{arch.traits.cache_code}.safetensors", summary, args.keep_cache)
     logger.info(summary.report("latent caches"))
     return summary
 
@@ -133,10 +137,8 @@ def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSumma
                     write_cache(path, content, arch.traits, {"caption1": caption})
                     summary.written += 1
                 bar.update(len(chunk))
-    for dataset in datasets:
-        expected = {i.text_cache_path.resolve() for i in dataset.items}
-        remove_stale(dataset.spec.cache_directory, f"*_{arch.traits.cache_code}_te.safetensors", expected, summary,
-                     args.keep_cache)
+    remove_stale(datasets, lambda i: i.text_cache_path, f"*_{arch.traits.cache_code}_te.safetensors", summary,
+                 args.keep_cache)
     logger.info(summary.report("text encoder caches"))
     return summary
 

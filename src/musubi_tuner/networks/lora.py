@@ -444,3 +444,17 @@ def create_network_from_weights(
         targets, dims, alphas, multiplier, _as_float("--network_dropout", network_dropout),
         parsed["rank_dropout"], parsed["module_dropout"], parsed["loraplus_lr_ratio"],
     )  # fmt: skip
+
+
+def architecture_entry_points(architecture: str):
+    """`create_network` / `create_network_from_weights` bound to one architecture, for the
+    reference-named `--network_module` modules (`networks.lora_wan`, `networks.lora_flux`)."""
+
+    def create(dit: nn.Module, network_dim: int | None, network_alpha: float | None,
+               network_dropout: float | None = None, network_args: Any = None, multiplier: float = 1.0) -> LoRANetwork:
+        return create_network(architecture, dit, network_dim, network_alpha, network_dropout, network_args, multiplier)
+
+    def create_from_weights(dit: nn.Module, weights_sd: dict, multiplier: float = 1.0, **kwargs: Any) -> LoRANetwork:
+        return create_network_from_weights(architecture, dit, weights_sd, multiplier, **kwargs)
+
+    return create, create_from_weights
