@@ -234,3 +234,12 @@ def test_base_weights_are_merged_before_training(ws, tmp_path):
 def test_unavailable_attention_backend_is_a_clear_error(ws, tmp_path, capsys):
     assert run(wan_train_network.main, ws.train_args(tmp_path, 1, "--xformers")) == 2
     assert "xformers" in capsys.readouterr().err
+
+
+def test_fp8_base_and_fp8_scaled_train(ws, tmp_path):
+    for extra in (["--fp8_base"], ["--fp8_base", "--fp8_scaled"]):
+        out = tmp_path / "_".join(extra)
+        assert run(wan_train_network.main, ws.train_args(out, 2, *extra)) == 0
+        sd = load_file(str(out / "lora.safetensors"))
+        assert all(torch.isfinite(v).all() for v in sd.values())
+        assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))

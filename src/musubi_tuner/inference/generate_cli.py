@@ -17,7 +17,7 @@ from musubi_tuner.inference.prompts import PromptSpec
 logger = logging.getLogger(__name__)
 
 # Parsed for compatibility with reference command lines; using them is an error until implemented.
-NOT_YET_SUPPORTED = ("fp8_scaled", "fp8_fast", "blocks_to_swap", "lycoris")
+NOT_YET_SUPPORTED = ("fp8_fast", "blocks_to_swap", "lycoris")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,11 +78,10 @@ class GenerationSession:
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")
         if self.args.compile:
             compile_dit(self.dit)
-        if self.args.fp8:
-            from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
+        if self.args.fp8:  # after the LoRA merge, as the reference does
+            from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            skip = tuple(getattr(type(self.dit), "_skip_layerwise_casting_patterns", None) or ())
-            cast_linear_weights_to_fp8(self.dit, include=getattr(self.arch, "fp8_targets", None), skip_patterns=skip)
+            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
         return self.dit
 
     @property
@@ -145,6 +144,8 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
     used = [f"--{n}" for n in NOT_YET_SUPPORTED if getattr(args, n, None) not in (None, False)]
     if used:
         raise UserError(f"{', '.join(used)}: not supported by this version yet; remove the flag")
+    if args.fp8_scaled and not args.fp8:
+        raise UserError("--fp8_scaled needs --fp8")
     if len(args.lora_multiplier) > len(args.lora_weight):
         raise UserError("more --lora_multiplier values than --lora_weight files")
     arch.validate_arguments(args, "generate")

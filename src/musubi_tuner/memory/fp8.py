@@ -69,3 +69,78 @@ def cast_linear_weights_to_fp8(
         layer.__class__ = Fp8StorageLinear
         cast.append(name)
     return cast
+
+
+# ---- block-wise scaled fp8 (--fp8_scaled) ---------------------------------------------------------------------
+SCALE_BLOCK = 64
+"""Input features per scale, as the reference's default block-wise quantization."""
+
+
+class ScaledFp8Linear(nn.Linear):
+    """fp8 weight with an fp32 scale per (output row, block of 64 inputs); dequantized per call.
+
+    `scale_weight` has shape (out, in // 64, 1), or (out, 1) per output channel when `in` is not a multiple of 64.
+    """
+
+    compute_dtype: torch.dtype
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        out_features, in_features = self.weight.shape
+        scale = self.scale_weight.to(dtype)
+        if scale.ndim == 3:
+            blocks = self.weight.to(dtype).view(out_features, scale.shape[1], -1)
+            return (blocks * scale).view(out_features, in_features)
+        return self.weight.to(dtype) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype if x.dtype in FP8_DTYPES else x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias)
+
+
+def quantize_weight_scaled(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                           block: int = SCALE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, fp32 scale): block-wise over the input dim when it divides evenly, else per output channel."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    limit = torch.finfo(fp8_dtype).max
+    if in_features % block == 0:
+        w = w.view(out_features, in_features // block, block)
+    scale = (w.abs().amax(dim=-1, keepdim=True) / limit).clamp(min=1e-8)
+    quantized = (w / scale).clamp(-limit, limit).to(fp8_dtype).view(out_features, in_features)
+    return quantized, scale
+
+
+def quantize_linear_weights_scaled_fp8(
+    module: nn.Module,
+    skip_patterns: Iterable[str] = (),
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    include: Iterable[str] | None = None,
+) -> list[str]:
+    """Like `cast_linear_weights_to_fp8`, but with per-block scales (much smaller rounding error). Merge LoRAs
+    BEFORE calling this; the same pattern rules apply. Returns the qualified names of the layers quantized."""
+    if fp8_dtype not in FP8_DTYPES:
+        raise ValueError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8_dtype}")
+    skips = [re.compile(p) for p in skip_patterns]
+    includes = None if include is None else [re.compile(p) for p in include]
+    done: list[str] = []
+    for name, layer in module.named_modules():
+        if type(layer) is not nn.Linear or any(p.search(name) for p in skips):
+            continue
+        if includes is not None and not any(p.search(name) for p in includes):
+            continue
+        layer.compute_dtype = layer.weight.dtype
+        quantized, scale = quantize_weight_scaled(layer.weight, fp8_dtype)
+        layer.weight = nn.Parameter(quantized, requires_grad=False)
+        layer.register_buffer("scale_weight", scale)
+        layer.__class__ = ScaledFp8Linear
+        done.append(name)
+    return done
+
+
+def store_dit_in_fp8(dit: nn.Module, targets: Iterable[str] | None, scaled: bool) -> list[str]:
+    """--fp8_base / --fp8 (and --fp8_scaled): the DiT's block Linear weights in fp8; embedders, norms and the
+    layers the diffusers class marks as precision-sensitive (`_skip_layerwise_casting_patterns`) stay as they are."""
+    skip = tuple(getattr(type(dit), "_skip_layerwise_casting_patterns", None) or ())
+    convert = quantize_linear_weights_scaled_fp8 if scaled else cast_linear_weights_to_fp8
+    return convert(dit, skip_patterns=skip, include=targets)

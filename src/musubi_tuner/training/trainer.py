@@ -105,15 +105,14 @@ class NetworkTrainer:
         args = self.args
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
         self.dit = self.arch.load_dit(args, self.device, dtype)
-        if args.fp8_base:
-            from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
-
-            skip = tuple(getattr(type(self.dit), "_skip_layerwise_casting_patterns", None) or ())
-            cast_linear_weights_to_fp8(self.dit, include=getattr(self.arch, "fp8_targets", None), skip_patterns=skip)
         if args.base_weights:
             from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
             merge_loras_into_dit(self.arch, self.dit, args.base_weights, args.base_weights_multiplier or [])
+        if args.fp8_base:
+            from musubi_tuner.memory.fp8 import store_dit_in_fp8
+
+            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
         if args.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
         self.dit.requires_grad_(False)
