@@ -70,18 +70,20 @@ class GenerationSession:
         from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.dit = self.arch.load_dit(self.args, self.device, dtype)
+        # with --fp8 the full-precision weights never go to the GPU: merge and convert on the CPU, then move
+        self.dit = self.arch.load_dit(self.args, torch.device("cpu") if self.args.fp8 else self.device, dtype)
         merge_loras_into_dit(self.arch, self.dit, self.args.lora_weight, self.args.lora_multiplier,
                              self.args.include_patterns, self.args.exclude_patterns)
+        if self.args.fp8:  # after the LoRA merge, as the reference does
+            from musubi_tuner.memory.fp8 import store_dit_in_fp8
+
+            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
+            self.dit.to(self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit
 
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")
         if self.args.compile:
             compile_dit(self.dit)
-        if self.args.fp8:  # after the LoRA merge, as the reference does
-            from musubi_tuner.memory.fp8 import store_dit_in_fp8
-
-            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
         return self.dit
 
     @property

@@ -104,7 +104,9 @@ class NetworkTrainer:
     def _load_dit(self) -> None:
         args = self.args
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
-        self.dit = self.arch.load_dit(args, self.device, dtype)
+        # with fp8 the full-precision weights never go to the GPU: load and convert on the CPU, then move
+        load_device = torch.device("cpu") if args.fp8_base else self.device
+        self.dit = self.arch.load_dit(args, load_device, dtype)
         if args.base_weights:
             from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
@@ -113,6 +115,7 @@ class NetworkTrainer:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+            self.dit.to(self.device)
         if args.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
         self.dit.requires_grad_(False)
