@@ -52,3 +52,23 @@ def make_demo_dataset(root: Path, size: int = 64, frames: int = 9, fps: float = 
         save_video_mp4(moving_clip(size, frames, shape, color, phase=0.5 * i), videos / f"{name}_{shape}_moving.mp4", fps)
         (videos / f"{name}_{shape}_moving.txt").write_text(f"a {name} {shape} moving in a circle")
     return {"images": images, "videos": videos}
+
+
+def make_edit_dataset(root: Path, size: int = 64, count: int = 4) -> dict[str, Path]:
+    """Image-editing pairs: images/ hold targets (a red shape), controls/ the same shape in another colour.
+
+    Captions ask for the edit ("make the square red"); control files share the target's stem.
+    """
+    images, controls = root / "images", root / "controls"
+    images.mkdir(parents=True, exist_ok=True)
+    controls.mkdir(parents=True, exist_ok=True)
+    sources = [c for name, c in COLORS.items() if name != "red"]
+    for i in range(count):
+        shape = SHAPES[i % 2]
+        angle = 2 * math.pi * i / count
+        cx, cy = size / 2 + size * 0.2 * math.cos(angle), size / 2 + size * 0.2 * math.sin(angle)
+        stem = f"edit_{i:02d}_{shape}"
+        Image.fromarray(draw_frame(size, shape, COLORS["red"], cx, cy)).save(images / f"{stem}.png")
+        Image.fromarray(draw_frame(size, shape, sources[i % len(sources)], cx, cy)).save(controls / f"{stem}.png")
+        (images / f"{stem}.txt").write_text(f"make the {shape} red")
+    return {"images": images, "controls": controls}
