@@ -102,20 +102,11 @@ def wan_demo(out: Path, steps: int) -> dict[str, Path]:
         "--dit", str(models["dit"]), "--lora_weight", str(lora), "--lora_multiplier", "1.0",
         "--save_merged_model", str(merged),
     ])
-    losses = read_losses(out / "logs")
-    window = max(1, min(10, len(losses) // 4))
-    print("\n=== done ===")
-    if losses:
-        print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f} -> "
-              f"last {window} steps {sum(losses[-window:]) / window:.4f} ({len(losses)} steps)")
-    for stage, seconds in timings.items():
-        print(f"  {stage:<14} {seconds:6.1f} s")
     outputs = {"dataset config": toml, "latent/text caches": out / "cache", "LoRA": lora,
                "checkpoints and states": lora_dir, "samples during training": lora_dir / "sample",
                "generated video": out / "generated", "merged DiT": merged, "TensorBoard logs": out / "logs",
                "tiny model files": out / "models"}
-    for what, path in outputs.items():
-        print(f"  {what:<24} {path}")
+    print_summary(read_losses(out / "logs"), timings, outputs)
     return outputs
 
 
