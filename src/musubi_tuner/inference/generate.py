@@ -7,6 +7,7 @@ through `render()`, so what a sample shows during training is what the generate 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import random
 from dataclasses import dataclass, replace
@@ -22,6 +23,13 @@ from musubi_tuner.inference.prompts import PromptSpec
 from musubi_tuner.inference.schedulers import flux_mu, make_flow_scheduler
 
 logger = logging.getLogger(__name__)
+
+
+def free_memory() -> None:
+    """Return freed model memory to the system/GPU (after dropping the last reference to a model)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def contents_to_batch(contents: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -11,7 +11,14 @@ import torch
 
 from musubi_tuner.architectures.base import Architecture
 from musubi_tuner.errors import UserError
-from musubi_tuner.inference.generate import RenderSettings, encode_conditions, generation_metadata, render, resolve_spec
+from musubi_tuner.inference.generate import (
+    RenderSettings,
+    encode_conditions,
+    free_memory,
+    generation_metadata,
+    render,
+    resolve_spec,
+)
 from musubi_tuner.inference.prompts import PromptSpec
 
 logger = logging.getLogger(__name__)
@@ -86,15 +93,23 @@ class GenerationSession:
             compile_dit(self.dit)
         return self.dit
 
-    @property
-    def text_encoders(self) -> Any:
+    def encode_all(self, specs: list[PromptSpec]) -> list[tuple[dict, dict | None]]:
+        """Encode every prompt, then free the text encoders before the DiT is loaded (both rarely fit at once)."""
+        encoders = self.arch.load_text_encoders(self.args, self.device)
+        conditions = [encode_conditions(self.arch, encoders, spec) for spec in specs]
+        del encoders
+        free_memory()
+        return conditions
+
+    def interactive_encoders(self) -> Any:
+        """Interactive mode keeps the text encoders for the whole session, on the CPU beside a GPU DiT."""
         if self._text_encoders is None:
-            self._text_encoders = self.arch.load_text_encoders(self.args, self.device)
+            self._text_encoders = self.arch.load_text_encoders(self.args, torch.device("cpu"))
         return self._text_encoders
 
-    def generate(self, spec: PromptSpec) -> list[Path]:
-        spec = resolve_spec(self.arch, spec)
-        cond, uncond = encode_conditions(self.arch, self.text_encoders, spec)
+    def generate(self, spec: PromptSpec, conditions: tuple[dict, dict | None] | None = None) -> list[Path]:
+        """Render one resolved request (conditions from `encode_all`, else encoded now) and write it."""
+        cond, uncond = conditions or encode_conditions(self.arch, self.interactive_encoders(), spec)
         latents = render(self.arch, self.dit, self.latent_encoders, spec, cond, uncond, self.settings, self.args)
         return self.write(latents, spec)
 
@@ -162,6 +177,13 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
 
         save_merged_model(arch, args)
         return
+    if args.interactive:
+        session.load_dit()
+        for spec in requests(arch, args):
+            session.generate(resolve_spec(arch, spec))
+        return
+    specs = [resolve_spec(arch, spec) for spec in requests(arch, args)]
+    conditions = session.encode_all(specs)
     session.load_dit()
-    for spec in requests(arch, args):
-        session.generate(spec)
+    for spec, condition in zip(specs, conditions):
+        session.generate(spec, condition)

@@ -7,7 +7,6 @@ Files go to `<output_dir>/sample/` named `{output_name}_{e000001|000100}_{idx:02
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +14,14 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.architectures.base import Architecture
-from musubi_tuner.inference.generate import RenderSettings, encode_conditions, generation_metadata, render, resolve_spec
+from musubi_tuner.inference.generate import (
+    RenderSettings,
+    encode_conditions,
+    free_memory,
+    generation_metadata,
+    render,
+    resolve_spec,
+)
 from musubi_tuner.inference.prompts import PromptSpec, load_prompt_file
 
 logger = logging.getLogger(__name__)
@@ -34,7 +40,7 @@ class TrainingSampler:
         text_encoders = arch.load_text_encoders(args, device)
         self.conditions = [encode_conditions(arch, text_encoders, spec) for spec in self.specs]
         del text_encoders
-        gc.collect()
+        free_memory()
         self.latent_encoders = arch.load_latent_encoders(args, device)
         self.settings = RenderSettings(device=device, progress=False)
         self.folder = Path(args.output_dir) / "sample"

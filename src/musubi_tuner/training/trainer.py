@@ -43,11 +43,11 @@ class NetworkTrainer:
     def train(self) -> Path:
         self._setup_accelerator()
         self._build_data()
+        self._prepare_sampling()  # encodes the sample prompts and frees the text encoders before the DiT loads
         self._load_dit()
         self._build_network()
         self._build_optimizer()
         self._resume_if_asked()
-        self._prepare_sampling()
         self._start_logging()
         if self.args.sample_at_first and self.progress.global_step == 0:
             self._sample(epoch=0)
