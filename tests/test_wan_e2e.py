@@ -243,3 +243,11 @@ def test_fp8_base_and_fp8_scaled_train(ws, tmp_path):
         sd = load_file(str(out / "lora.safetensors"))
         assert all(torch.isfinite(v).all() for v in sd.values())
         assert any(sd[k].abs().sum() > 0 for k in sd if k.endswith("lora_up.weight"))
+
+
+def test_block_swap_training_matches_training_without_it(ws, tmp_path):
+    plain, swapped = tmp_path / "plain", tmp_path / "swapped"
+    assert run(wan_train_network.main, ws.train_args(plain, 2, "--gradient_checkpointing")) == 0
+    assert run(wan_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing", "--blocks_to_swap", "1")) == 0
+    a, b = load_file(str(plain / "lora.safetensors")), load_file(str(swapped / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -24,7 +24,7 @@ from musubi_tuner.inference.prompts import PromptSpec
 logger = logging.getLogger(__name__)
 
 # Parsed for compatibility with reference command lines; using them is an error until implemented.
-NOT_YET_SUPPORTED = ("fp8_fast", "blocks_to_swap", "lycoris")
+NOT_YET_SUPPORTED = ("fp8_fast", "lycoris")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,14 +77,20 @@ class GenerationSession:
         from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        # with --fp8 the full-precision weights never go to the GPU: merge and convert on the CPU, then move
-        self.dit = self.arch.load_dit(self.args, torch.device("cpu") if self.args.fp8 else self.device, dtype)
+        # with --fp8 or block swap the full model never has to fit on the GPU: merge and convert on the CPU, then move
+        on_cpu = self.args.fp8 or self.args.blocks_to_swap
+        self.dit = self.arch.load_dit(self.args, torch.device("cpu") if on_cpu else self.device, dtype)
         merge_loras_into_dit(self.arch, self.dit, self.args.lora_weight, self.args.lora_multiplier,
                              self.args.include_patterns, self.args.exclude_patterns)
         if self.args.fp8:  # after the LoRA merge, as the reference does
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
+        if self.args.blocks_to_swap:
+            from musubi_tuner.memory.block_swap import enable_block_swap
+
+            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device)
+        elif on_cpu:
             self.dit.to(self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit
 

@@ -11,7 +11,7 @@ from musubi_tuner.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Flags parsed for compatibility whose feature this build does not have yet: using them is an error, not a no-op.
-NOT_YET_SUPPORTED = ("blocks_to_swap", "block_swap_h2d_only", "gradient_checkpointing_cpu_offload",
+NOT_YET_SUPPORTED = ("block_swap_h2d_only", "gradient_checkpointing_cpu_offload",
                      "split_attn", "img_in_txt_in_offloading")
 
 

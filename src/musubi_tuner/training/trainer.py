@@ -104,8 +104,8 @@ class NetworkTrainer:
     def _load_dit(self) -> None:
         args = self.args
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
-        # with fp8 the full-precision weights never go to the GPU: load and convert on the CPU, then move
-        load_device = torch.device("cpu") if args.fp8_base else self.device
+        # with fp8 or block swap the full model never has to fit on the GPU: load (and convert) on the CPU, then move
+        load_device = torch.device("cpu") if args.fp8_base or args.blocks_to_swap else self.device
         self.dit = self.arch.load_dit(args, load_device, dtype)
         if args.base_weights:
             from musubi_tuner.inference.lora_merge import merge_loras_into_dit
@@ -115,6 +115,11 @@ class NetworkTrainer:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+        if args.blocks_to_swap:
+            from musubi_tuner.memory.block_swap import enable_block_swap
+
+            enable_block_swap(self.dit, args.blocks_to_swap, self.device)
+        elif load_device != self.device:
             self.dit.to(self.device)
         if args.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
