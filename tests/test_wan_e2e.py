@@ -251,3 +251,16 @@ def test_block_swap_training_matches_training_without_it(ws, tmp_path):
     assert run(wan_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing", "--blocks_to_swap", "1")) == 0
     a, b = load_file(str(plain / "lora.safetensors")), load_file(str(swapped / "lora.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_last_n_prunes_old_checkpoints_and_states(ws, tmp_path):
+    out = tmp_path / "o"
+    args = ws.train_args(out, 7, "--save_every_n_steps", "2", "--save_last_n_steps", "4", "--save_state",
+                         "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1")
+    assert run(wan_train_network.main, args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    # 3 epochs x 3 steps = 9 steps; step saves at 2,4,6,8: at step 8 a window of 4 steps keeps 4..8 (the
+    # reference's rule); epoch saves at 1,2 (the last epoch writes the final file) keep the last one
+    assert names == ["lora-000002-state", "lora-000002.safetensors", "lora-state",
+                     "lora-step00000004-state", "lora-step00000004.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors",
+                     "lora-step00000008-state", "lora-step00000008.safetensors", "lora.safetensors"], names
