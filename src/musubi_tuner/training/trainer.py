@@ -359,4 +359,9 @@ class NetworkTrainer:
         path = Path(self.args.output_dir) / names.final_lora_name(self.args.output_name)
         self._save(path.name, kind="final", number=None)
         self.accelerator.end_training()
+        # accelerate keeps mixed precision in a process-wide singleton; forget it so a later run in the same
+        # process (tests, notebooks) may choose another (the distributed set-up itself is kept)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         return path

@@ -1,0 +1,276 @@
+"""Wan LoRA files in the places users load them: original names, ComfyUI's key rule, diffusers, the reference's
+own layout (inference and continued training), and --save_merged_model."""
+
+import argparse
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from musubi_tuner.architectures import get_architecture
+from musubi_tuner.architectures.wan.dit_files import (
+    build_empty_wan_dit,
+    get_wan_task,
+    load_wan_dit,
+    save_wan_dit_original,
+    wan_dit_to_original,
+)
+from musubi_tuner.architectures.wan.tiny import make_tiny_dit
+from musubi_tuner.inference.lora_merge import merge_loras_into_dit, save_merged_model
+from musubi_tuner.networks import lora
+from musubi_tuner.networks.lora_files import load_lora_file
+from musubi_tuner.training.cli import parse_training_args
+from musubi_tuner.training.network_setup import build_network, save_network
+from musubi_tuner.training.state import TrainProgress
+from musubi_tuner.utils.atomic import save_safetensors_atomic
+
+WAN = get_architecture("wan")
+TASKS = ("t2v-1.3B", "i2v-14B", "flf2v-14B")
+PER_BLOCK_T2V = {"self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"}
+PER_BLOCK_I2V = PER_BLOCK_T2V | {"cross_attn.k_img", "cross_attn.v_img"}
+
+
+def _randomize_ups(network, seed=1):
+    """lora_up starts at zero, which would make every LoRA a no-op and hide mistakes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_up" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def _inputs(task, batch=1, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    image = task != "t2v-1.3B"
+    out = {"hidden_states": torch.randn(batch, 36 if image else 16, 2, 4, 4, generator=generator),
+           "timestep": torch.tensor([417.0] * batch),
+           "encoder_hidden_states": torch.randn(batch, 512, 32, generator=generator)}
+    if image:
+        tokens = 34 if task == "flf2v-14B" else 17
+        out["encoder_hidden_states_image"] = torch.randn(batch, tokens, 32, generator=generator)
+    return out
+
+
+def _forward(dit, inputs):
+    with torch.no_grad():
+        return dit(**inputs, return_dict=False)[0]
+
+
+def _train_args(tmp_path, task="t2v-1.3B", *extra):
+    argv = ["--task", task, "--output_dir", str(tmp_path / "out"), "--network_dim", "4", "--network_alpha", "2",
+            *extra]
+    return parse_training_args(WAN, argv)
+
+
+def _trainer_lora_file(tmp_path, task, dit, *extra):
+    """A LoRA made and saved exactly as the trainer does (build_network + save_network with metadata)."""
+    args = _train_args(tmp_path, task, *extra)
+    network = build_network(WAN, dit, args)
+    _randomize_ups(network)
+    path = tmp_path / f"lora_{task}.safetensors"
+    save_network(network, WAN, args, path, TrainProgress(global_step=7, epoch=1))
+    return network, path
+
+
+# ---- names ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", TASKS)
+def test_every_tiny_target_carries_an_original_name_present_in_the_file_layout(task, tmp_path):
+    dit = make_tiny_dit(task)
+    targets = WAN.lora_candidates(dit)
+    path = tmp_path / "dit.safetensors"
+    save_wan_dit_original(dit, path)
+    with safe_open(str(path), "pt") as f:
+        file_keys = set(f.keys())
+    modules = dict(dit.named_modules())
+    expected = PER_BLOCK_T2V if task == "t2v-1.3B" else PER_BLOCK_I2V
+    assert {t.original_name for t in targets} == {f"blocks.{i}.{n}" for i in range(2) for n in expected}
+    for target in targets:
+        assert f"{target.original_name}.weight" in file_keys
+        assert target.lora_name == "lora_unet_" + target.original_name.replace(".", "_")
+        (part,) = target.parts  # Wan has no fused layers: one diffusers Linear per original layer
+        assert modules[part.module_path] is part.module
+        with safe_open(str(path), "pt") as f:
+            assert torch.equal(f.get_tensor(f"{target.original_name}.weight"), part.module.weight)
+
+
+def test_real_i2v_14b_targets_names_and_count_on_meta():
+    task = get_wan_task("i2v-14B")
+    dit = build_empty_wan_dit(task.diffusers_config())
+    assert next(dit.parameters()).is_meta
+    targets = WAN.lora_candidates(dit)
+    assert len(targets) == 40 * (4 + 6 + 2) == 480
+    selected = lora.select_targets(WAN, targets, lora.parse_network_args(None))
+    assert len(selected) == 480  # the reference's default excludes drop no block Linear
+    original_shapes = {k: tuple(v.shape) for k, v in wan_dit_to_original(dit.state_dict()).items()}
+    assert {t.original_name for t in targets} == {f"blocks.{i}.{n}" for i in range(40) for n in PER_BLOCK_I2V}
+    for target in targets:
+        assert original_shapes[f"{target.original_name}.weight"] == (target.out_features, target.in_features)
+    assert original_shapes["blocks.39.cross_attn.k_img.weight"] == (5120, 5120)
+    assert original_shapes["blocks.0.ffn.0.weight"] == (13824, 5120)
+
+
+# ---- ComfyUI ----------------------------------------------------------------------------------------------------
+def comfy_unconsumed_keys(lora_sd, original_weight_keys):
+    """ComfyUI's generic rule: each `diffusion_model.<path>.weight` of the model makes `lora_unet_<path, . -> _>` and
+    `diffusion_model.<path>` resolvable; a key is consumed when it is such a prefix plus a LoRA suffix."""
+    prefixes = set()
+    for key in original_weight_keys:
+        if key.endswith(".weight"):
+            path = key[: -len(".weight")]
+            prefixes |= {"lora_unet_" + path.replace(".", "_"), "diffusion_model." + path}
+    suffixes = (".lora_up.weight", ".lora_down.weight", ".alpha", ".lora_A.weight", ".lora_B.weight")
+    return [k for k in lora_sd if not any(k.startswith(p) and k[len(p):] in suffixes for p in prefixes)]
+
+
+@pytest.mark.parametrize("task", ("t2v-1.3B", "i2v-14B"))
+def test_trainer_saved_lora_is_fully_consumed_by_comfyui(task, tmp_path):
+    dit = make_tiny_dit(task)
+    network, path = _trainer_lora_file(tmp_path, task, dit, "--save_precision", "bf16")
+    written, metadata = load_lora_file(path)
+    assert len(written) == 3 * len(network.loras) and all(k.startswith("lora_unet_blocks_") for k in written)
+    assert written["lora_unet_blocks_0_self_attn_q.lora_down.weight"].dtype == torch.bfloat16
+    assert metadata["ss_network_module"] == "networks.lora_wan" and metadata["ss_network_dim"] == "4"
+    assert comfy_unconsumed_keys(written, wan_dit_to_original(dit.state_dict())) == []
+    if task == "i2v-14B":
+        assert "lora_unet_blocks_1_cross_attn_k_img.lora_up.weight" in written
+    # the resolved weight has the shape the LoRA delta needs
+    shapes = {k: tuple(v.shape) for k, v in wan_dit_to_original(dit.state_dict()).items()}
+    for key, value in written.items():
+        if key.endswith(".lora_up.weight"):
+            name = next(k for k in shapes if "lora_unet_" + k[:-7].replace(".", "_") == key[: -len(".lora_up.weight")])
+            down = written[key.replace("lora_up", "lora_down")]
+            assert shapes[name] == (value.shape[0], down.shape[1])
+
+
+# ---- diffusers --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ("t2v-1.3B", "i2v-14B"))
+def test_diffusers_loads_our_default_layout_file_with_the_same_output(task, tmp_path):
+    from diffusers import WanPipeline
+
+    dit = make_tiny_dit(task)
+    network, path = _trainer_lora_file(tmp_path, task, dit)
+    inputs = _inputs(task)
+    network.remove()  # build_network attached it, as for training
+    base = _forward(dit, inputs)
+    network.apply_to()
+    live = _forward(dit, inputs)
+    network.remove()
+    network.merge_to_base()
+    merged = _forward(dit, inputs)
+    assert (live - base).abs().max() > 1e-3  # the LoRA changes the output, so the comparison means something
+
+    sd = WanPipeline.lora_state_dict(str(path))
+    assert len(sd) == 2 * len(network.loras)
+    fresh = make_tiny_dit(task)
+    fresh.load_lora_adapter(sd, prefix="transformer")
+    peft_out = _forward(fresh, inputs)
+    assert torch.allclose(peft_out, live, atol=1e-5, rtol=0)
+    assert torch.allclose(peft_out, merged, atol=1e-5, rtol=0)
+
+    pipe = WanPipeline(transformer=make_tiny_dit(task), vae=None, text_encoder=None, tokenizer=None, scheduler=None)
+    pipe.load_lora_weights(str(path))
+    assert torch.allclose(_forward(pipe.transformer, inputs), live, atol=1e-5, rtol=0)
+
+
+# ---- the reference's exact layout ---------------------------------------------------------------------------------
+def _reference_layout_file(tmp_path, dit, names, rank=4, alpha=2.0, seed=5):
+    """Keys as the reference writes them: lora_unet_<name>.lora_down.weight / .lora_up.weight / .alpha (bf16)."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {t.original_name: t.parts[0].module for t in WAN.lora_candidates(dit)}
+    sd = {}
+    for name in names:
+        stem = "lora_unet_" + name.replace(".", "_")
+        layer = modules[name]
+        sd[f"{stem}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=generator).to(torch.bfloat16)
+        sd[f"{stem}.lora_up.weight"] = (0.1 * torch.randn(layer.out_features, rank, generator=generator)).to(
+            torch.bfloat16)
+        sd[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
+    path = tmp_path / "reference_layout.safetensors"
+    save_safetensors_atomic(sd, path)
+    return path, sd
+
+
+def _expected_weight(weight, sd, name, multiplier=1.0):
+    stem = "lora_unet_" + name.replace(".", "_")
+    down, up = sd[f"{stem}.lora_down.weight"].float(), sd[f"{stem}.lora_up.weight"].float()
+    scale = float(sd[f"{stem}.alpha"]) / down.shape[0]
+    return weight.float() + (up @ down) * (multiplier * scale)
+
+
+NAMES = ("blocks.0.self_attn.q", "blocks.1.cross_attn.k_img", "blocks.1.ffn.0")
+
+
+def test_reference_layout_loads_for_inference_exactly(tmp_path):
+    dit = make_tiny_dit("i2v-14B")
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    path, sd = _reference_layout_file(tmp_path, dit, NAMES)
+    merge_loras_into_dit(WAN, dit, [str(path)], [1.0])
+    after = dit.state_dict()
+    changed = set()
+    for name in NAMES:
+        diffusers_key = next(t.parts[0].module_path for t in WAN.lora_candidates(dit) if t.original_name == name)
+        expected = _expected_weight(before[f"{diffusers_key}.weight"], sd, name)
+        assert torch.equal(after[f"{diffusers_key}.weight"], expected)  # scale = alpha/dim = 0.5, fp32 math
+        changed.add(f"{diffusers_key}.weight")
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in changed)
+
+
+def test_reference_layout_loads_for_continued_training(tmp_path):
+    dit = make_tiny_dit("i2v-14B")
+    path, sd = _reference_layout_file(tmp_path, dit, NAMES)
+    network = lora.create_network(WAN, dit, 4, 1.0)  # alpha 1 at creation; the file's alpha 2 wins
+    network.load_weights(str(path))
+    by_name = {m.original_name: m for m in network.loras}
+    assert len(by_name) == 24  # every block Linear; the 21 not in the file keep their (zero-up) init
+    for name in NAMES:
+        module = by_name[name]
+        stem = module.lora_name
+        assert torch.equal(module.lora_down.weight, sd[f"{stem}.lora_down.weight"].float())
+        assert torch.equal(module.lora_up.weight, sd[f"{stem}.lora_up.weight"].float())
+        assert float(module.alpha) == 2.0 and module.scale == 0.5
+        weight = module._target.parts[0].module.weight
+        assert torch.equal(weight.float() + module.weights().delta(), _expected_weight(weight, sd, name))
+    inputs = _inputs("i2v-14B")
+    network.apply_to()
+    live = _forward(dit, inputs)
+    network.remove()
+    merged_dit = make_tiny_dit("i2v-14B")
+    merge_loras_into_dit(WAN, merged_dit, [str(path)], [1.0])
+    assert torch.allclose(live, _forward(merged_dit, inputs), atol=1e-5, rtol=0)
+
+
+# ---- --save_merged_model ------------------------------------------------------------------------------------------
+def test_save_merged_model_is_exact_and_loads(tmp_path):
+    dit = make_tiny_dit("t2v-1.3B")
+    base_path = tmp_path / "wan2.1_t2v_tiny_fp32.safetensors"
+    save_wan_dit_original(dit, base_path)
+    network, lora_path = _trainer_lora_file(tmp_path, "t2v-1.3B", dit)  # rank 4, alpha 2: scale 0.5
+    network.remove()
+    merged_path = tmp_path / "merged.safetensors"
+    multiplier = 0.5  # with scale 0.5, every factor is a power of two: the order of products cannot matter
+    args = argparse.Namespace(dit=str(base_path), lora_weight=[str(lora_path)], lora_multiplier=[multiplier],
+                              include_patterns=None, exclude_patterns=None, save_merged_model=str(merged_path))
+    save_merged_model(WAN, args)
+
+    with safe_open(str(base_path), "pt") as f:
+        base = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(merged_path), "pt") as f:
+        merged = {k: f.get_tensor(k) for k in f.keys()}
+    assert merged.keys() == base.keys()
+    lora_sd, _ = load_lora_file(lora_path)
+    touched = {f"{m.original_name}.weight" for m in network.loras}
+    for key in base:
+        if key in touched:
+            expected = _expected_weight(base[key], lora_sd, key[: -len(".weight")], multiplier)
+            assert merged[key].dtype == torch.float32 and torch.equal(merged[key], expected), key
+        else:
+            assert torch.equal(merged[key], base[key]), key
+
+    loaded = load_wan_dit(merged_path, task="t2v-1.3B")
+    in_memory = make_tiny_dit("t2v-1.3B")
+    merge_loras_into_dit(WAN, in_memory, [str(lora_path)], [multiplier])
+    loaded_sd, memory_sd = loaded.state_dict(), in_memory.state_dict()
+    assert all(torch.equal(loaded_sd[k], memory_sd[k]) for k in memory_sd)
+    inputs = _inputs("t2v-1.3B")
+    assert torch.equal(_forward(loaded, inputs), _forward(in_memory, inputs))
