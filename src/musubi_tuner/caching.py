@@ -7,6 +7,7 @@ progress and end with a summary of what was written, skipped and removed.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -104,8 +105,8 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
             for dataset in datasets:
                 items = [i for d, i in todo if d is dataset]
                 for batch in batched(items, args.batch_size or dataset.spec.batch_size):
-                    step = arch.traits.bucket_step
-                    pixels = list(pool.map(lambda it: load_item_pixels(it, dataset.spec, bucket_step=step), batch))
+                    load = functools.partial(load_item_pixels, spec=dataset.spec, bucket_step=arch.traits.bucket_step)
+                    pixels = list(pool.map(load, batch))
                     for item, content in zip(batch, arch.encode_latents(encoders, pixels, args)):
                         frames = item.frame_count if item.frame_indices is not None else None
                         write_cache(item.latent_cache_path, content, arch.traits,

@@ -11,13 +11,11 @@ import gc
 import logging
 import random
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from musubi_tuner.architectures.base import Architecture
-from musubi_tuner.errors import UserError
 from musubi_tuner.inference.denoise import denoise, initial_noise
 from musubi_tuner.inference.prompts import PromptSpec
 from musubi_tuner.inference.schedulers import flux_mu, make_flow_scheduler

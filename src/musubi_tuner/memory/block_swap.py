@@ -69,7 +69,7 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: torch.devic
     swapped = blocks[-blocks_to_swap:]
     resident = {id(t) for b in swapped for t in list(b.parameters()) + list(b.buffers())}
     for module in model.modules():  # everything else goes to the compute device
-        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             if id(t) not in resident:
                 t.data = t.data.to(device)
     handles = [SwappedBlock(block, device) for block in swapped]

@@ -14,7 +14,6 @@ import argparse
 import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
