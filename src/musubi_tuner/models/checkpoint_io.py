@@ -73,8 +73,11 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def _load_safetensors(path: Path, dtype: torch.dtype | None, device: str | torch.device, flag: str | None) -> dict:
     from safetensors import SafetensorError, safe_open
 
+    device = torch.device(device)
+    # safetensors accepts "cpu" but not "cpu:0" (what accelerate reports in multi-process CPU runs)
+    device_name = "cpu" if device.type == "cpu" else str(device)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device=device_name) as f:
             return {key: _cast(f.get_tensor(key), dtype) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{_where(path, flag)}: not a readable .safetensors file ({exc}); "

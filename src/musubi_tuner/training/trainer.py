@@ -229,9 +229,15 @@ class NetworkTrainer:
         return True
 
     def _my_batches(self, epoch: int) -> list[Any]:
-        """This process's share of the epoch's batches (round-robin over processes)."""
+        """This process's share of the epoch's batches (round-robin over processes). The list is first padded
+        with its own head to a multiple of the process count, so every process runs the same number of steps
+        (the gradient all-reduce pairs them up)."""
         batches = self.batches.batches_for_epoch(epoch)
-        return batches[self.accelerator.process_index::self.accelerator.num_processes]
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return batches
+        padded = batches + batches[: (-len(batches)) % processes]
+        return padded[self.accelerator.process_index::processes]
 
     def _timestep_pool(self, epoch: int, batches: list[Any]) -> torch.Tensor | None:
         """--num_timestep_buckets: stratified uniforms for the epoch, from (seed, epoch) so resume sees the same."""
@@ -283,11 +289,15 @@ class NetworkTrainer:
         return loss.mean()
 
     def _average_gradients(self) -> None:
+        """Mean of the LoRA gradients over processes, in one all-reduce (a missing grad, e.g. after module
+        dropout, counts as zero so every process sends the same layout)."""
         if self.accelerator.num_processes == 1:
             return
-        for p in self.network.parameters():
-            if p.grad is not None:
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
     def _after_step(self, loss: float) -> None:
         self.progress.global_step += 1
