@@ -1,9 +1,9 @@
 """`make demo`: the whole workflow on a tiny built-in model and a synthetic dataset, in a few minutes on CPU.
 
-cache latents -> cache text encoder outputs -> train a LoRA -> generate with it -> merge it into the DiT.
-Every stage runs through the same command-line entry points a user runs; the tiny model files are
-written in the real on-disk layouts (ComfyUI DiT, original VAE, official umT5 .pth) and loaded by the
-real loaders.
+cache latents -> cache text encoder outputs -> train a LoRA (with samples) -> generate with it -> merge it
+into the DiT. Every stage runs through the same command-line entry points a user runs; the tiny model files
+are written in the real on-disk layouts (ComfyUI/BFL DiT, original VAE, official umT5 .pth, ComfyUI text
+encoders) and loaded by the real loaders.
 """
 
 from __future__ import annotations
@@ -13,28 +13,36 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 DEMO_ARCHS = ("wan", "flux_kontext")
+GENERAL = '[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
 
 
-def write_toml(path: Path, data_dirs: dict[str, Path], cache_root: Path) -> None:
-    path.write_text(
-        "[general]\n"
-        "resolution = [64, 64]\n"
-        'caption_extension = ".txt"\n'
-        "batch_size = 1\n"
-        "enable_bucket = true\n\n"
-        "[[datasets]]\n"
-        f'image_directory = "{data_dirs["images"].as_posix()}"\n'
-        f'cache_directory = "{(cache_root / "images").as_posix()}"\n'
-        "num_repeats = 1\n\n"
-        "[[datasets]]\n"
-        f'video_directory = "{data_dirs["videos"].as_posix()}"\n'
-        f'cache_directory = "{(cache_root / "videos").as_posix()}"\n'
-        "target_frames = [1, 9]\n"
-        'frame_extraction = "head"\n'
-    )
+@dataclass
+class Workflow:
+    """One architecture's demo: the five stages' entry points and flags, and where the outputs go."""
+
+    out: Path
+    scripts: dict[str, Callable]
+    """stage -> the script's `main` (cache_latents, cache_text, train, generate)."""
+    dit: Path
+    vae_args: list[str]
+    text_args: list[str]
+    train_args: list[str]
+    generate_args: list[str]
+    generated: str = "generated video"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def toml(self) -> Path:
+        return self.out / "dataset.toml"
+
+    @property
+    def lora(self) -> Path:
+        return self.out / "lora" / "demo_lora.safetensors"
 
 
 def run_step(title: str, main, argv: list[str]) -> float:
@@ -60,69 +68,37 @@ def read_losses(logging_dir: Path) -> list[float]:
     return losses
 
 
-def wan_demo(out: Path, steps: int) -> dict[str, Path]:
-    from musubi_tuner import merge_lora, wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
-    from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
-    from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
-    from musubi_tuner.demo_data import make_demo_dataset
+def common_train_args(out: Path, steps: int, prompts: Path) -> list[str]:
+    return ["--sdpa", "--mixed_precision", "no", "--network_dim", "8", "--network_alpha", "8",
+            "--optimizer_type", "adamw", "--learning_rate", "2e-3", "--max_train_steps", str(steps), "--seed", "42",
+            "--save_every_n_steps", str(max(1, steps // 2)), "--save_state", "--output_dir", str(out / "lora"),
+            "--output_name", "demo_lora", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
+            "--sample_prompts", str(prompts), "--sample_every_n_steps", str(steps)]
 
-    models = write_tiny_wan_files(out / "models", "t2v-1.3B")
-    encoders = write_tiny_wan_encoder_files(out / "models")
-    data = make_demo_dataset(out / "data")
-    toml = out / "dataset.toml"
-    write_toml(toml, data, out / "cache")
-    prompts = out / "sample_prompts.txt"
-    prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --l 1.0\n")
-    t5 = ["--t5", str(encoders["t5"]), "--t5_tokenizer", str(encoders["tokenizer"]), "--text_encoder_dtype", "float32"]
-    vae = ["--vae", str(models["vae"]), "--vae_dtype", "float32"]
-    lora_dir = out / "lora"
-    timings = {}
-    timings["cache latents"] = run_step("1/5 cache latents", wan_cache_latents.main,
-                                        ["--dataset_config", str(toml), *vae, "--device", "cpu"])
-    timings["cache text"] = run_step("2/5 cache text encoder outputs", wan_cache_text_encoder_outputs.main,
-                                     ["--dataset_config", str(toml), *t5, "--device", "cpu"])
-    timings["train"] = run_step("3/5 train a LoRA", wan_train_network.main, [
-        "--task", "t2v-1.3B", "--dit", str(models["dit"]), "--dataset_config", str(toml), *vae, *t5,
-        "--sdpa", "--mixed_precision", "no", "--network_module", "networks.lora_wan", "--network_dim", "8",
-        "--network_alpha", "8", "--optimizer_type", "adamw", "--learning_rate", "2e-3", "--max_train_steps", str(steps),
-        "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0", "--seed", "42",
-        "--save_every_n_steps", str(max(1, steps // 2)), "--save_state",
-        "--output_dir", str(lora_dir), "--output_name", "demo_lora", "--log_with", "tensorboard",
-        "--logging_dir", str(out / "logs"), "--sample_prompts", str(prompts), "--sample_every_n_steps", str(steps),
-    ])
-    lora = lora_dir / "demo_lora.safetensors"
-    timings["generate"] = run_step("4/5 generate a clip with the LoRA", wan_generate_video.main, [
-        "--task", "t2v-1.3B", "--dit", str(models["dit"]), *vae, *t5, "--lora_weight", str(lora),
-        "--prompt", "a red circle moving in a circle", "--video_size", "64", "64", "--video_length", "9",
-        "--infer_steps", "10", "--guidance_scale", "3.0", "--seed", "7", "--save_path", str(out / "generated"),
-        "--output_type", "both", "--device", "cpu",
-    ])
-    merged = out / "merged" / "wan_tiny_merged.safetensors"
-    timings["merge"] = run_step("5/5 merge the LoRA into the DiT", merge_lora.main, [
-        "--dit", str(models["dit"]), "--lora_weight", str(lora), "--lora_multiplier", "1.0",
-        "--save_merged_model", str(merged),
-    ])
-    outputs = {"dataset config": toml, "latent/text caches": out / "cache", "LoRA": lora,
-               "checkpoints and states": lora_dir, "samples during training": lora_dir / "sample",
-               "generated video": out / "generated", "merged DiT": merged, "TensorBoard logs": out / "logs",
-               "tiny model files": out / "models"}
-    print_summary(read_losses(out / "logs"), timings, outputs)
+
+def run_workflow(w: Workflow) -> dict[str, Path]:
+    from musubi_tuner import merge_lora
+
+    dataset = ["--dataset_config", str(w.toml)]
+    merged = w.out / "merged" / "tiny_merged.safetensors"
+    stages = [
+        ("cache latents", w.scripts["cache_latents"], [*dataset, *w.vae_args, "--device", "cpu"]),
+        ("cache text encoder outputs", w.scripts["cache_text"], [*dataset, *w.text_args, "--device", "cpu"]),
+        ("train a LoRA", w.scripts["train"], ["--dit", str(w.dit), *dataset, *w.vae_args, *w.text_args, *w.train_args]),
+        ("generate with the LoRA", w.scripts["generate"],
+         ["--dit", str(w.dit), *w.vae_args, *w.text_args, "--lora_weight", str(w.lora), *w.generate_args,
+          "--seed", "7", "--save_path", str(w.out / "generated"), "--device", "cpu"]),
+        ("merge the LoRA into the DiT", merge_lora.main,
+         ["--dit", str(w.dit), "--lora_weight", str(w.lora), "--lora_multiplier", "1.0", "--save_merged_model", str(merged)]),
+    ]
+    for number, (title, main, argv) in enumerate(stages, start=1):
+        w.timings[title] = run_step(f"{number}/{len(stages)} {title}", main, argv)
+    outputs = {"dataset config": w.toml, "latent/text caches": w.out / "cache", "LoRA": w.lora,
+               "checkpoints and states": w.lora.parent, "samples during training": w.lora.parent / "sample",
+               w.generated: w.out / "generated", "merged DiT": merged, "TensorBoard logs": w.out / "logs",
+               "tiny model files": w.out / "models"}
+    print_summary(read_losses(w.out / "logs"), w.timings, outputs)
     return outputs
-
-
-def write_kontext_toml(path: Path, data_dirs: dict[str, Path], cache_root: Path) -> None:
-    path.write_text(
-        "[general]\n"
-        "resolution = [64, 64]\n"
-        'caption_extension = ".txt"\n'
-        "batch_size = 1\n"
-        "enable_bucket = true\n\n"
-        "[[datasets]]\n"
-        f'image_directory = "{data_dirs["images"].as_posix()}"\n'
-        f'control_directory = "{data_dirs["controls"].as_posix()}"\n'
-        f'cache_directory = "{cache_root.as_posix()}"\n'
-        "num_repeats = 1\n"
-    )
 
 
 def print_summary(losses: list[float], timings: dict[str, float], outputs: dict[str, Path]) -> None:
@@ -132,67 +108,76 @@ def print_summary(losses: list[float], timings: dict[str, float], outputs: dict[
         print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f} -> "
               f"last {window} steps {sum(losses[-window:]) / window:.4f} ({len(losses)} steps)")
     for stage, seconds in timings.items():
-        print(f"  {stage:<14} {seconds:6.1f} s")
+        print(f"  {stage:<28} {seconds:6.1f} s")
     for what, path in outputs.items():
         print(f"  {what:<24} {path}")
 
 
+def wan_demo(out: Path, steps: int) -> dict[str, Path]:
+    """Wan: images and short clips of moving shapes; generate a 9-frame clip."""
+    from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
+    from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
+    from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
+    from musubi_tuner.demo_data import make_demo_dataset
+
+    models = write_tiny_wan_files(out / "models", "t2v-1.3B")
+    encoders = write_tiny_wan_encoder_files(out / "models")
+    data = make_demo_dataset(out / "data")
+    (out / "dataset.toml").write_text(
+        f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
+        f'cache_directory = "{(out / "cache" / "images").as_posix()}"\n\n'
+        f'[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
+        f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n')
+    prompts = out / "sample_prompts.txt"
+    prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --l 1.0\n")
+    task = ["--task", "t2v-1.3B"]
+    return run_workflow(Workflow(
+        out=out, dit=models["dit"],
+        scripts={"cache_latents": wan_cache_latents.main, "cache_text": wan_cache_text_encoder_outputs.main,
+                 "train": wan_train_network.main, "generate": wan_generate_video.main},
+        vae_args=["--vae", str(models["vae"]), "--vae_dtype", "float32"],
+        text_args=["--t5", str(encoders["t5"]), "--t5_tokenizer", str(encoders["tokenizer"]),
+                   "--text_encoder_dtype", "float32"],
+        train_args=[*task, "--network_module", "networks.lora_wan", "--timestep_sampling", "shift",
+                    "--discrete_flow_shift", "3.0", *common_train_args(out, steps, prompts)],
+        generate_args=[*task, "--prompt", "a red circle moving in a circle", "--video_size", "64", "64",
+                       "--video_length", "9", "--infer_steps", "10", "--guidance_scale", "3.0", "--output_type", "both"],
+    ))
+
+
 def flux_kontext_demo(out: Path, steps: int) -> dict[str, Path]:
-    """Kontext: learn the edit "make the <shape> red" from control/target pairs, then edit a new image."""
+    """Kontext: learn the edit "make the <shape> red" from control/target pairs, then edit a control image."""
     from musubi_tuner import (
         flux_kontext_cache_latents,
         flux_kontext_cache_text_encoder_outputs,
         flux_kontext_generate_image,
         flux_kontext_train_network,
-        merge_lora,
     )
     from musubi_tuner.architectures.flux_kontext.tiny import write_tiny_flux_kontext_files
     from musubi_tuner.demo_data import make_edit_dataset
 
     models = write_tiny_flux_kontext_files(out / "models", comfy_prefix=True)
     data = make_edit_dataset(out / "data")
-    toml = out / "dataset.toml"
-    write_kontext_toml(toml, data, out / "cache")
+    (out / "dataset.toml").write_text(
+        f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
+        f'control_directory = "{data["controls"].as_posix()}"\ncache_directory = "{(out / "cache").as_posix()}"\n')
     control = sorted(data["controls"].iterdir())[0]
     prompts = out / "sample_prompts.txt"
     prompts.write_text(f"make the circle red --w 64 --h 64 --s 8 --d 1 --ci {control.as_posix()}\n")
-    te = ["--text_encoder1", str(models["t5"]), "--text_encoder2", str(models["clip_l"]),
-          "--t5_tokenizer", str(models["t5_tokenizer"]), "--clip_tokenizer", str(models["clip_tokenizer"]),
-          "--text_encoder_dtype", "float32"]
-    vae = ["--vae", str(models["ae"])]
-    lora_dir = out / "lora"
-    timings = {}
-    timings["cache latents"] = run_step("1/5 cache latents", flux_kontext_cache_latents.main,
-                                        ["--dataset_config", str(toml), *vae, "--device", "cpu"])
-    timings["cache text"] = run_step("2/5 cache text encoder outputs", flux_kontext_cache_text_encoder_outputs.main,
-                                     ["--dataset_config", str(toml), *te, "--batch_size", "16", "--device", "cpu"])
-    timings["train"] = run_step("3/5 train a LoRA", flux_kontext_train_network.main, [
-        "--dit", str(models["dit"]), "--dataset_config", str(toml), *vae, *te,
-        "--sdpa", "--mixed_precision", "no", "--network_module", "networks.lora_flux", "--network_dim", "8",
-        "--network_alpha", "8", "--optimizer_type", "adamw", "--learning_rate", "2e-3", "--max_train_steps", str(steps),
-        "--timestep_sampling", "flux_shift", "--weighting_scheme", "none", "--seed", "42",
-        "--save_every_n_steps", str(max(1, steps // 2)), "--save_state",
-        "--output_dir", str(lora_dir), "--output_name", "demo_lora", "--log_with", "tensorboard",
-        "--logging_dir", str(out / "logs"), "--sample_prompts", str(prompts), "--sample_every_n_steps", str(steps),
-    ])
-    lora = lora_dir / "demo_lora.safetensors"
-    timings["generate"] = run_step("4/5 edit an image with the LoRA", flux_kontext_generate_image.main, [
-        "--dit", str(models["dit"]), *vae, *te, "--lora_weight", str(lora), "--prompt", "make the circle red",
-        "--control_image_path", str(control), "--no_resize_control", "--image_size", "64", "64",
-        "--infer_steps", "10", "--embedded_cfg_scale", "2.5", "--seed", "7", "--save_path", str(out / "generated"),
-        "--output_type", "latent_images", "--device", "cpu",
-    ])
-    merged = out / "merged" / "flux_kontext_tiny_merged.safetensors"
-    timings["merge"] = run_step("5/5 merge the LoRA into the DiT", merge_lora.main, [
-        "--dit", str(models["dit"]), "--lora_weight", str(lora), "--lora_multiplier", "1.0",
-        "--save_merged_model", str(merged),
-    ])
-    outputs = {"dataset config": toml, "latent/text caches": out / "cache", "LoRA": lora,
-               "checkpoints and states": lora_dir, "samples during training": lora_dir / "sample",
-               "edited image": out / "generated", "merged DiT": merged, "TensorBoard logs": out / "logs",
-               "tiny model files": out / "models"}
-    print_summary(read_losses(out / "logs"), timings, outputs)
-    return outputs
+    return run_workflow(Workflow(
+        out=out, dit=models["dit"], generated="edited image",
+        scripts={"cache_latents": flux_kontext_cache_latents.main, "cache_text": flux_kontext_cache_text_encoder_outputs.main,
+                 "train": flux_kontext_train_network.main, "generate": flux_kontext_generate_image.main},
+        vae_args=["--vae", str(models["ae"])],
+        text_args=["--text_encoder1", str(models["t5"]), "--text_encoder2", str(models["clip_l"]),
+                   "--t5_tokenizer", str(models["t5_tokenizer"]), "--clip_tokenizer", str(models["clip_tokenizer"]),
+                   "--text_encoder_dtype", "float32"],
+        train_args=["--network_module", "networks.lora_flux", "--timestep_sampling", "flux_shift",
+                    "--weighting_scheme", "none", *common_train_args(out, steps, prompts)],
+        generate_args=["--prompt", "make the circle red", "--control_image_path", str(control), "--no_resize_control",
+                       "--image_size", "64", "64", "--infer_steps", "10", "--embedded_cfg_scale", "2.5",
+                       "--output_type", "latent_images"],
+    ))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,14 +66,24 @@ def infer_t5_config(sd: dict[str, torch.Tensor]) -> dict:
     inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
     ff_key = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")
+    return t5_encoder_config(
+        vocab_size=int(emb.shape[0]), d_model=int(emb.shape[1]), d_kv=int(inner // heads),
+        d_ff=int(sd[ff_key].shape[0]), num_layers=_count(sd, r"encoder\.block\.(\d+)\."), num_heads=int(heads),
+        buckets=int(buckets), gated=gated,
+    )
+
+
+def t5_encoder_config(*, vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int, num_heads: int,
+                      buckets: int = 32, gated: bool = True) -> dict:
+    """`T5Config` kwargs of an encoder-only T5 (what FLUX uses); the fixed values are T5 v1.1's."""
     return {
-        "vocab_size": int(emb.shape[0]),
-        "d_model": int(emb.shape[1]),
-        "d_kv": int(inner // heads),
-        "d_ff": int(sd[ff_key].shape[0]),
-        "num_layers": _count(sd, r"encoder\.block\.(\d+)\."),
-        "num_heads": int(heads),
-        "relative_attention_num_buckets": int(buckets),
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "d_kv": d_kv,
+        "d_ff": d_ff,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "relative_attention_num_buckets": buckets,
         "relative_attention_max_distance": 128,
         "feed_forward_proj": "gated-gelu" if gated else "relu",
         "layer_norm_epsilon": 1e-6,

@@ -19,6 +19,7 @@ from musubi_tuner.architectures.flux_kontext.ae_files import (
     flux_ae_to_bfl,
 )
 from musubi_tuner.architectures.flux_kontext.dit_files import diffusers_to_bfl
+from musubi_tuner.architectures.flux_kontext.text_encoder_files import t5_encoder_config
 from musubi_tuner.utils.atomic import atomic_directory, save_safetensors_atomic
 
 TINY_DIT_CONFIG = {
@@ -53,25 +54,7 @@ TINY_AE_CONFIG = {
     "force_upcast": True,
 }
 TINY_T5_VOCAB = 256  # = models.tokenizers.build_tiny_tokenizer's default vocabulary
-TINY_T5_CONFIG = {
-    "vocab_size": TINY_T5_VOCAB,
-    "d_model": 32,
-    "d_kv": 16,
-    "d_ff": 64,
-    "num_layers": 2,
-    "num_heads": 2,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "layer_norm_epsilon": 1e-6,
-    "dropout_rate": 0.0,
-    "is_encoder_decoder": False,
-    "use_cache": False,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
+TINY_T5_CONFIG = t5_encoder_config(vocab_size=TINY_T5_VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 _CLIP_WORDS = (
     "a",
     "the",
