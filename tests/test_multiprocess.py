@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_train_network
+from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs
 from wan_fixtures import make_workspace, run
 
 ROOT = Path(__file__).resolve().parents[1]
