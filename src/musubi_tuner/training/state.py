@@ -62,13 +62,20 @@ def restore_rng(state: dict[str, Any], noise_generator: torch.Generator) -> None
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_file(process_index: int) -> str:
+    """`rng.pt` for the main process (the layout of single-process states), `rng_rank{N}.pt` for the others."""
+    return "rng.pt" if process_index == 0 else f"rng_rank{process_index}.pt"
+
+
 def save_state(folder: Path, *, network_sd: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               lr_scheduler: Any, noise_generator: torch.Generator, progress: TrainProgress) -> None:
+               lr_scheduler: Any, rng_states: list[dict[str, Any]], progress: TrainProgress) -> None:
+    """rng_states: `capture_rng()` of every process, in process order (each draws its own noise)."""
     with atomic_directory(folder) as tmp:
         save_safetensors_atomic({k: v.detach().float().cpu() for k, v in network_sd.items()}, tmp / "network.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        torch.save(capture_rng(noise_generator), tmp / "rng.pt")
+        for index, rng in enumerate(rng_states):
+            torch.save(rng, tmp / rng_file(index))
         # written last: a folder without it is incomplete
         (tmp / STATE_MARKER).write_text(json.dumps({"format": STATE_FORMAT, **asdict(progress)}, indent=2))
 
@@ -89,7 +96,7 @@ def read_progress(folder: Path) -> TrainProgress:
 
 
 def load_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-               noise_generator: torch.Generator) -> TrainProgress:
+               noise_generator: torch.Generator, process_index: int = 0) -> TrainProgress:
     folder = Path(folder)
     progress = read_progress(folder)
     weights = load_file(str(folder / "network.safetensors"))
@@ -99,5 +106,9 @@ def load_state(folder: Path, *, network: torch.nn.Module, optimizer: torch.optim
                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); use the same --network_dim/--network_args")
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-    restore_rng(torch.load(folder / "rng.pt", weights_only=True), noise_generator)
+    rng = folder / rng_file(process_index)
+    if not rng.exists():
+        raise UserError(f"--resume {folder}: no {rng.name}; the state was saved by fewer processes than this run has. "
+                        "Resume with the same number of processes")
+    restore_rng(torch.load(rng, weights_only=True), noise_generator)
     return progress

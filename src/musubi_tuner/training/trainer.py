@@ -70,8 +70,9 @@ class NetworkTrainer:
             except ImportError:
                 raise UserError("--log_with wandb needs the wandb package: pip install wandb (or pip install musubi-tuner[wandb])") from None
         project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision or "no", log_with=log_with,
-                                       project_config=project)
+        # no --mixed_precision: accelerate's own launch flag / config decides (as in the reference)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project)
+        args.mixed_precision = self.accelerator.mixed_precision
         self.device = self.accelerator.device
         torch.manual_seed(args.seed)
         random.seed(args.seed)
@@ -159,7 +160,8 @@ class NetworkTrainer:
             return
         saved = read_progress(Path(self.args.resume))
         self.progress = load_state(Path(self.args.resume), network=self.network, optimizer=self.optimizer,
-                                   lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator)
+                                   lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator,
+                                   process_index=self.accelerator.process_index)
         if saved.batches_per_epoch and saved.batches_per_epoch != len(self.batches):
             logger.warning("the dataset changed since %s was saved (%d batches per epoch then, %d now): "
                            "the data order will differ from the interrupted run", self.args.resume,
@@ -254,17 +256,18 @@ class NetworkTrainer:
         for index, entries in enumerate(group):
             batch = self.batches.load_batch(entries)
             loss = self._loss(batch, None if uniforms is None else uniforms[index]) / len(group)
-            loss.backward()
+            self.accelerator.backward(loss)  # scales the loss when fp16 uses a gradient scaler
             total += loss.item()
-        if not math.isfinite(total):
+        if not self._all_finite(total):
             last = self._last_saved or "none yet"
-            raise TrainingAborted(f"loss is {total} at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}); "
+            what = f"loss is {total}" if not math.isfinite(total) else "loss is not finite on another process"
+            raise TrainingAborted(f"{what} at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}); "
                                   f"nothing was saved after it, last saved LoRA: {last}. "
                                   "Lower --learning_rate or use --mixed_precision bf16 instead of fp16.")
         self._average_gradients()
         params = [p for p in self.network.parameters() if p.requires_grad]
         if self.args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+            self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)  # unscales first under fp16
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,6 +290,13 @@ class NetworkTrainer:
         loss = loss.mean(dim=list(range(1, loss.ndim)))
         loss = loss * compute_loss_weighting(self.args.weighting_scheme, timesteps).to(loss.device)
         return loss.mean()
+
+    def _all_finite(self, loss: float) -> bool:
+        """Whether the step's loss is finite on every process (they must stop together, or the rest would hang)."""
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bad.item() == 0
 
     def _average_gradients(self) -> None:
         """Mean of the LoRA gradients over processes, in one all-reduce (a missing grad, e.g. after module
@@ -333,6 +343,8 @@ class NetworkTrainer:
     _last_saved: str | None = None
 
     def _save(self, lora_file: str, *, kind: str, number: int | None) -> None:
+        with_state = self.args.save_state or (kind == "final" and self.args.save_state_on_train_end)
+        rng_states = self._gather_rng_states() if with_state else []
         if not self.accelerator.is_main_process:
             return
         from musubi_tuner.training.network_setup import save_network
@@ -343,17 +355,26 @@ class NetworkTrainer:
         save_network(self.network, self.arch, self.args, path, self.progress)
         self._last_saved = str(path)
         logger.info("saved %s", path)
-        if self.args.save_state or (kind == "final" and self.args.save_state_on_train_end):
+        if with_state:
             state_dir = out / names.state_dir_name(self.args.output_name, kind, number)
             self.progress.batches_per_epoch = len(self.batches)
             self.progress.loss_window = self.loss_average.state_dict()
             save_state(state_dir, network_sd=self.network.state_dict(), optimizer=self.optimizer,
-                       lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator, progress=self.progress)
+                       lr_scheduler=self.lr_scheduler, rng_states=rng_states, progress=self.progress)
             logger.info("saved state %s", state_dir)
         optimizer_train_mode(self.optimizer)
         if kind in ("epoch", "step"):
             for stale in names.stale_saves(out, self.args, kind, number):
                 names.remove_path(stale)
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        """Every process's RNG state (a collective call: all processes must reach it)."""
+        from accelerate.utils import gather_object
+
+        from musubi_tuner.training.state import capture_rng
+
+        state = capture_rng(self.noise_generator)
+        return [state] if self.accelerator.num_processes == 1 else gather_object([state])
 
     def _sample(self, *, epoch: int | None = None, step: int | None = None) -> None:
         if self.samples is not None and self.accelerator.is_main_process:
