@@ -10,14 +10,26 @@ import torch
 from musubi_tuner.errors import UserError
 
 
-def load_image_resized(path: str | Path, width: int, height: int) -> torch.Tensor:
+def load_image_resized(path: str | Path, width: int, height: int, flag: str = "--image_path") -> torch.Tensor:
     """The image at `path`, scaled to cover (width, height) and center-cropped, as uint8 (H, W, 3).
 
     Uses the dataset's resize so generation conditions on images prepared exactly like training data.
+    flag: the option `path` came from, named in errors (`--image_path`, `--end_image_path`, ...).
     """
-    from musubi_tuner.dataset.media import load_image_rgb, resize_to_bucket
+    from musubi_tuner.dataset.media import resize_to_bucket
+
+    image = open_image_for_flag(path, flag)
+    return torch.from_numpy(np.array(resize_to_bucket(image, (width, height)), copy=True))
+
+
+def open_image_for_flag(path: str | Path, flag: str):
+    """The RGB PIL image at `path`; a missing or undecodable file raises a UserError naming `flag` and the path."""
+    from musubi_tuner.dataset.media import MediaError, load_image_rgb
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"image not found: {path} (check --image_path / --end_image_path / --control_image_path)")
-    return torch.from_numpy(np.array(resize_to_bucket(load_image_rgb(path), (width, height)), copy=True))
+        raise UserError(f"{flag} {path}: image not found (check the path)")
+    try:
+        return load_image_rgb(path)
+    except MediaError as exc:  # its message names only the file
+        raise UserError(f"{flag} {path}: {exc}") from exc

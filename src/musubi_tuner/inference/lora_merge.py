@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from musubi_tuner.architectures.base import Architecture
-from musubi_tuner.errors import UserError
+from musubi_tuner.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +37,21 @@ def filter_lora_modules(sd: dict[str, torch.Tensor], include: Sequence[str] | No
 
 
 def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequence[str], multipliers: Sequence[float],
-                         include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
-    """W_part += multiplier * alpha/rank * up[part rows] @ down for every LoRA module, in the diffusers model."""
+                         include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                         flag: str = "--lora_weight") -> None:
+    """W_part += multiplier * alpha/rank * up[part rows] @ down for every LoRA module, in the diffusers model.
+
+    flag: the option the paths came from (`--lora_weight`, `--base_weights`), named in error messages.
+    """
     from musubi_tuner.networks.lora import create_network_from_weights
     from musubi_tuner.networks.lora_files import load_lora_file
 
     for path, multiplier in zip(paths, _multipliers(paths, multipliers)):
         sd = filter_lora_modules(load_lora_file(path)[0], include, exclude)
         if not sd:
-            raise UserError(f"--lora_weight {path}: no module left after --include/--exclude_patterns")
-        network = create_network_from_weights(arch, dit, sd, multiplier)
-        network.load_weights(sd)
+            raise UserError(f"{flag} {path}: no module left after --include/--exclude_patterns")
+        network = create_network_from_weights(arch, dit, sd, multiplier, source=f"{flag} {path}")
+        network.load_weights(sd, source=f"{flag} {path}")
         network.merge_to_base(multiplier)
         logger.info("merged LoRA %s (%d modules, multiplier %s)", path, len(network.loras), multiplier)
 
@@ -63,8 +67,11 @@ def save_merged_model(arch: Architecture, args: argparse.Namespace) -> None:
     if not args.lora_weight:
         raise UserError("--save_merged_model needs at least one --lora_weight")
     base = load_state_dict(args.dit, flag="--dit")
-    loras = [filter_lora_modules(load_lora_file(p)[0], args.include_patterns, args.exclude_patterns)
-             for p in args.lora_weight]
-    merge_lora_into_original_state_dict(base, loras, _multipliers(args.lora_weight, args.lora_multiplier))
+    for path, multiplier in zip(args.lora_weight, _multipliers(args.lora_weight, args.lora_multiplier)):
+        lora = filter_lora_modules(load_lora_file(path)[0], args.include_patterns, args.exclude_patterns)
+        try:  # one at a time (the merge is in place, so the result is the same) to name the failing file
+            merge_lora_into_original_state_dict(base, lora, multiplier)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--lora_weight {path}: {exc}") from exc
     save_state_dict(base, args.save_merged_model)
     print(f"saved merged model: {args.save_merged_model}")

@@ -220,22 +220,27 @@ class LoRANetwork(nn.Module):
         """The reference layout: `lora_unet_<name>.lora_down.weight / .lora_up.weight / .alpha`, copied to CPU."""
         return {k: v.detach().to("cpu", dtype=dtype, copy=True) for k, v in self.state_dict().items()}
 
-    def load_weights(self, path_or_sd: str | os.PathLike | dict[str, torch.Tensor]) -> None:
+    def load_weights(
+        self, path_or_sd: str | os.PathLike | dict[str, torch.Tensor], source: str | None = None
+    ) -> None:
         """Load a LoRA in any supported layout (reference, ComfyUI/other, diffusers).
 
+        source: how messages name the weights (e.g. "--network_weights x.safetensors"); defaults to the path,
+        or "the given state dict".
         Keys naming no module of this network raise a UserError listing a few; modules absent from the file keep
         their current weights (a warning says how many).
         """
         if isinstance(path_or_sd, dict):
-            sd, where = path_or_sd, "the given state dict"
+            sd, where = path_or_sd, source or "the given state dict"
         else:
             from musubi_tuner.networks.lora_files import load_lora_file
 
-            sd, where = load_lora_file(path_or_sd)[0], str(path_or_sd)
+            sd, where = load_lora_file(path_or_sd)[0], source or str(path_or_sd)
         canonical, unmatched = parse_lora_state_dict(sd, NameIndex(targets=self.targets))
         if unmatched:
+            stems = _module_stems(unmatched)
             raise CheckpointError(
-                f"{len(unmatched)} key(s) in {where} match no LoRA module of this network, e.g. {unmatched[:5]}; "
+                f"{where}: {len(stems)} LoRA module(s) match no layer of this network, e.g. {stems[:5]}; "
                 "is it for another architecture, or were these layers excluded by --network_args patterns?"
             )
         by_name = {m.original_name: m for m in self.loras}
@@ -276,6 +281,15 @@ class LoRANetwork(nn.Module):
                 up.mul_(ratio**0.5)
             norms.append(norm.item() * ratio)
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
+
+def _module_stems(unmatched: Sequence[str]) -> list[str]:
+    """Unmatched entries as the file's module names (`lora_unet_...`), once each, without `.down`/`.up`/`.alpha`."""
+    stems: dict[str, None] = {}
+    for key in unmatched:
+        stem, _, kind = key.rpartition(".")
+        stems[stem if stem and kind in ("down", "up", "alpha") else key] = None
+    return list(stems)
 
 
 def _load_module(module: LoRAModule, weights: LoraWeights, where: str) -> None:
@@ -426,15 +440,21 @@ def create_network_from_weights(
     multiplier: float = 1.0,
     network_dropout: float | None = None,
     network_args: list[str] | Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> LoRANetwork:
     """A LoRA shaped like `weights_sd` (any layout): its modules, ranks and alphas (for --dim_from_weights and
-    inference). Weights are not loaded; call `load_weights`. Keys naming no layer of `dit` raise a UserError."""
+    inference). Weights are not loaded; call `load_weights`. Keys naming no layer of `dit` raise a UserError.
+
+    source: how messages name the weights, e.g. "--network_weights x.safetensors" (default "the LoRA").
+    """
     arch = _resolve_arch(arch)
     candidates = arch.lora_candidates(dit)
     canonical, unmatched = parse_lora_state_dict(weights_sd, NameIndex(targets=candidates))
     if unmatched:
+        stems = _module_stems(unmatched)
         raise CheckpointError(
-            f"{len(unmatched)} LoRA key(s) match no layer of this {arch.name} model, e.g. {unmatched[:5]}"
+            f"{source or 'the LoRA'}: {len(stems)} LoRA module(s) match no layer of this {arch.name} model, "
+            f"e.g. {stems[:5]}; is it a LoRA for another architecture?"
         )
     parsed = parse_network_args(network_args)
     targets = [t for t in candidates if t.original_name in canonical]

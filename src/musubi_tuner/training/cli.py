@@ -15,6 +15,17 @@ NOT_YET_SUPPORTED = ("block_swap_h2d_only", "gradient_checkpointing_cpu_offload"
                      "split_attn", "img_in_txt_in_offloading")
 
 
+# Parsed for compatibility; they have nothing to act on here, so a non-default value gets a warning.
+NO_EFFECT = {
+    "max_data_loader_n_workers": (8, "batches are read from the caches in the training process"),
+    "persistent_data_loader_workers": (False, "batches are read from the caches in the training process"),
+    "ddp_gradient_as_bucket_view": (False, "the LoRA is not wrapped in DDP; its gradients are all-reduced directly"),
+    "ddp_static_graph": (False, "the LoRA is not wrapped in DDP; its gradients are all-reduced directly"),
+    "disable_numpy_memmap": (False, "checkpoints are always memory-mapped through safetensors"),
+    "use_pinned_memory_for_block_swap": (False, "swapped blocks are always kept in pinned memory on CUDA"),
+}
+
+
 def build_parser(arch) -> argparse.ArgumentParser:
     from musubi_tuner.training.args import add_common_training_arguments
 
@@ -26,8 +37,13 @@ def build_parser(arch) -> argparse.ArgumentParser:
 
 def check_not_yet_supported(args: argparse.Namespace) -> None:
     used = [f"--{name}" for name in NOT_YET_SUPPORTED if getattr(args, name, None) not in (None, False, [], 0)]
+    if args.dynamo_backend not in (None, "NO", "no"):
+        used.append("--dynamo_backend (use --compile, which compiles the transformer blocks)")
     if used:
         raise UserError(f"{', '.join(used)}: not supported by this version yet; remove the flag (see docs/training.md)")
+    for name, (default, why) in NO_EFFECT.items():
+        if getattr(args, name, default) != default:
+            logger.warning("--%s has no effect here: %s", name, why)
 
 
 def parse_training_args(arch, argv: list[str] | None) -> argparse.Namespace:

@@ -70,10 +70,23 @@ class NetworkTrainer:
             except ImportError:
                 raise UserError("--log_with wandb needs the wandb package: pip install wandb (or pip install musubi-tuner[wandb])") from None
         project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
+        handlers = []
+        if args.ddp_timeout:
+            from datetime import timedelta
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
         # no --mixed_precision: accelerate's own launch flag / config decides (as in the reference)
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project,
+                                       kwargs_handlers=handlers)
         args.mixed_precision = self.accelerator.mixed_precision
         self.device = self.accelerator.device
+        if args.cuda_allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if args.cuda_cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed % 2**32)
@@ -138,6 +151,8 @@ class NetworkTrainer:
         if self.args.compile:  # after the LoRA wrappers are in place, so they are compiled with the blocks
             from musubi_tuner.memory.attention import compile_dit
 
+            if self.args.compile_cache_size_limit:
+                torch._dynamo.config.cache_size_limit = self.args.compile_cache_size_limit
             dynamic = {"true": True, "false": False}.get(self.args.compile_dynamic or "auto")
             compile_dit(self.dit, backend=self.args.compile_backend, mode=self.args.compile_mode, dynamic=dynamic,
                         fullgraph=self.args.compile_fullgraph)

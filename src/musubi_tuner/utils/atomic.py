@@ -9,8 +9,20 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it; restore it at once.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_new(path: Path, base_mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give the result the mode a plain open()/mkdir() would."""
+    os.chmod(path, base_mode & ~_current_umask())
 
 
 @contextlib.contextmanager
@@ -23,6 +35,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _chmod_like_new(tmp_path, 0o666)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -51,6 +64,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _chmod_like_new(tmp, 0o777)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from musubi_tuner.architectures.flux_kontext.dit_files import _cast, _read_safetensors
+from musubi_tuner.architectures.flux_kontext.dit_files import _cast, _naming_file, _read_safetensors
 from musubi_tuner.errors import CheckpointError
 
 FLUX_AE_SCALING_FACTOR = 0.3611
@@ -124,7 +124,11 @@ def build_flux_ae(config: dict, sd: dict[str, torch.Tensor]):
 
     with torch.device("meta"):
         ae = AutoencoderKL.from_config(config)
-    ae.load_state_dict(sd, strict=True, assign=True)
+    try:
+        ae.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:  # shapes that fit no AutoencoderKL config
+        msg = f"the AE weights do not fit the inferred config: {str(exc)[:300]}; {AE_FLAG_HINT}"
+        raise CheckpointError(msg) from exc
     return ae
 
 
@@ -137,8 +141,9 @@ def load_flux_ae(
     for prefix in ("first_stage_model.", "vae."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    config = infer_flux_ae_config(sd)
-    ae = build_flux_ae(config, _cast(bfl_ae_to_diffusers(sd, config), device, dtype))
+    with _naming_file("--vae", path):
+        config = infer_flux_ae_config(sd)
+        ae = build_flux_ae(config, _cast(bfl_ae_to_diffusers(sd, config), device, dtype))
     return ae.eval().requires_grad_(False)
 
 

@@ -30,11 +30,17 @@ def control_image_size(width: int, height: int, resize_to_preferred: bool) -> tu
     return w, h
 
 
-def load_control_image(path: str | Path, resize_to_preferred: bool) -> torch.Tensor:
-    """A control image file -> uint8 (H, W, 3), sized by the rules in the module docstring."""
-    from musubi_tuner.dataset.media import load_image_rgb, resize_to_bucket
+def load_control_image(
+    path: str | Path, resize_to_preferred: bool, flag: str = "--control_image_path"
+) -> torch.Tensor:
+    """A control image file -> uint8 (H, W, 3), sized by the rules in the module docstring.
 
-    image = load_image_rgb(Path(path))
+    flag: the option `path` came from, named in errors (`--control_image_path`, or a prompt's `--ci`).
+    """
+    from musubi_tuner.dataset.media import resize_to_bucket
+    from musubi_tuner.inference.images import open_image_for_flag
+
+    image = open_image_for_flag(path, flag)
     size = control_image_size(*image.size, resize_to_preferred)
     if resize_to_preferred:
         array = resize_to_bucket(image, size)

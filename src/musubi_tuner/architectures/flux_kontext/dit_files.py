@@ -11,8 +11,10 @@ and the LoRA name map, so the two cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -266,6 +268,15 @@ def _read_safetensors(path: str | os.PathLike, flag: str) -> dict[str, torch.Ten
     return load_state_dict(path, flag=flag)
 
 
+@contextlib.contextmanager
+def _naming_file(flag: str, path: str | os.PathLike) -> Iterator[None]:
+    """Prefix layout errors raised inside with `flag path:` so the user knows which file is wrong."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag} {path}: {exc}") from exc
+
+
 def _cast(
     sd: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
@@ -321,8 +332,10 @@ def load_flux_dit(
             f"--dit {path} is a folder; {DIT_FLAG_HINT}, a single file "
             "(the diffusers 'transformer' folder is not supported; use the file from the repo root)"
         )
-    config, sd = flux_state_dict_to_diffusers(_read_safetensors(path, "--dit"))
-    model = build_flux_dit(config, _cast(sd, device, dtype))
+    sd = _read_safetensors(path, "--dit")
+    with _naming_file("--dit", path):
+        config, sd = flux_state_dict_to_diffusers(sd)
+        model = build_flux_dit(config, _cast(sd, device, dtype))
     return model.eval().requires_grad_(False)
 
 

@@ -131,10 +131,12 @@ def load_t5xxl(
             "--text_encoder1: scaled-fp8 T5 files are not supported; "
             "use t5xxl_fp16.safetensors (add --fp8_t5 to save memory)"
         )
-    model = build_t5(_cast(sd, device, dtype)).eval().requires_grad_(False)
-    if fp8:
-        _cast_t5_to_fp8(model)
-    return model
+    if not fp8:
+        return build_t5(_cast(sd, device, dtype)).eval().requires_grad_(False)
+    # Build and cast on the CPU, then move: full-precision weights never reach `device` (lower peak VRAM).
+    model = build_t5(_cast(sd, "cpu", dtype)).eval().requires_grad_(False)
+    _cast_t5_to_fp8(model)
+    return model.to(device=device)
 
 
 def _cast_t5_to_fp8(model) -> None:

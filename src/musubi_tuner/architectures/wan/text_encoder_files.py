@@ -169,10 +169,12 @@ def load_umt5(
     except RuntimeError as err:
         raise CheckpointError(f"{T5_FLAG} {path}: weights do not fit a umT5 encoder: {err}") from err
     model.encoder.embed_tokens.weight = model.shared.weight  # assign=True untied them; keep one copy
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if fp8:
-        cast_linear_weights_to_fp8(model, skip_patterns=UMT5_FP8_SKIP)
-    return model
+    if not fp8:
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # Cast on the CPU, then move: full-precision weights never reach `device` (--fp8_t5 lowers peak VRAM).
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
+    cast_linear_weights_to_fp8(model, skip_patterns=UMT5_FP8_SKIP)
+    return model.to(device=device)
 
 
 def _instantiate_empty(config: UMT5Config) -> UMT5EncoderModel:
