@@ -33,12 +33,13 @@ def build_network(arch: Architecture, dit: torch.nn.Module, args: argparse.Names
             raise UserError("--dim_from_weights needs --network_weights")
         weights, _ = load_lora_file(args.network_weights)
         network = module.create_network_from_weights(dit, weights, network_dropout=args.network_dropout,
-                                                     network_args=args.network_args)
+                                                     network_args=args.network_args,
+                                                     source=f"--network_weights {args.network_weights}")
     else:
         network = module.create_network(dit, args.network_dim, args.network_alpha, args.network_dropout,
                                         args.network_args)
     if args.network_weights:
-        network.load_weights(args.network_weights)
+        network.load_weights(args.network_weights, source=f"--network_weights {args.network_weights}")
         logger.info("loaded LoRA weights from %s", args.network_weights)
     network.apply_to()
     return network

@@ -123,7 +123,8 @@ class NetworkTrainer:
         if args.base_weights:
             from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
-            merge_loras_into_dit(self.arch, self.dit, args.base_weights, args.base_weights_multiplier or [])
+            merge_loras_into_dit(self.arch, self.dit, args.base_weights, args.base_weights_multiplier or [],
+                                 flag="--base_weights")
         if args.fp8_base:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 

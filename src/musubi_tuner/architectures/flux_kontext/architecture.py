@@ -258,7 +258,7 @@ class FluxKontextArchitecture(Architecture):
         # The generate script resizes to a preferred Kontext size unless --no_resize_control; samples during
         # training (no such flag) keep the control's own size, as the reference does.
         resize = hasattr(args, "no_resize_control") and not args.no_resize_control
-        pixels = load_control_image(path, resize_to_preferred=resize)
+        pixels = load_control_image(path, resize_to_preferred=resize, flag="--ci" if paths else "--control_image_path")
         seed = getattr(request, "seed", None)
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         latent = self._encode_images(encoders, [pixels[None]], generator=generator)[0]

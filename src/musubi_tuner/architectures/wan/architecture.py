@@ -279,7 +279,7 @@ class WanArchitecture(Architecture):
         height, width = latent_shape[-2] * 8, latent_shape[-1] * 8
         frames = (latent_shape[1] - 1) * 4 + 1
         first = load_image_resized(image_path, width, height)
-        last = load_image_resized(end_path, width, height) if end_path else None
+        last = load_image_resized(end_path, width, height, flag="--end_image_path") if end_path else None
         vae = encoders.vae
         first_v = pixels_to_model_range(first[None, None], vae.device, vae.dtype)
         last_v = pixels_to_model_range(last[None, None], vae.device, vae.dtype) if last is not None else None
