@@ -92,3 +92,27 @@ def test_decode_only_from_a_latent_file(files, tmp_path):
            "--output_type", "images"]
     assert run(wan_generate_video.main, dec) == 0
     assert len(list((tmp_path / "b").rglob("*.png"))) == 5
+
+
+def test_task_and_caches_must_match_before_the_dit_loads(files, tmp_path, capsys):
+    from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
+
+    toml = write_clip_dataset(tmp_path / "data")
+    assert run(wan_cache_latents.main, ["--dataset_config", str(toml), *files["vae"]]) == 0  # T2V caches
+    assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(toml), *files["t5"]]) == 0
+
+    def train(task, dit):
+        return run(wan_train_network.main, [
+            "--task", task, "--dit", str(dit), "--dataset_config", str(toml), "--mixed_precision", "no",
+            "--max_train_steps", "1", "--output_dir", str(tmp_path / task), "--output_name", "x"])
+
+    assert train("i2v-14B", tmp_path / "never_loaded.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "latents_image" in err and "--i2v --clip" in err and "never_loaded" not in err
+    assert train("flf2v-14B", tmp_path / "never_loaded.safetensors") == 2
+    assert "FLF2V training" in capsys.readouterr().err
+
+    # I2V caches also train a T2V model: the image conditioning is simply not used
+    assert run(wan_cache_latents.main, ["--dataset_config", str(toml), *files["vae"], "--clip", str(files["clip"])]) == 0
+    t2v = write_tiny_wan_files(tmp_path / "t2v", "t2v-1.3B")["dit"]
+    assert train("t2v-1.3B", t2v) == 0

@@ -104,6 +104,10 @@ class Architecture:
         """Diffusers state dict -> original/ComfyUI key layout (for --save_merged_model)."""
         raise self._missing("dit_state_dict_to_original")
 
+    def check_training_caches(self, latent_keys: dict[str, set[str]], args: argparse.Namespace) -> None:
+        """Before any model loads: refuse caches that cannot train this model/task (e.g. T2V caches for an I2V
+        task). latent_keys: one latent cache per bucket -> its batch keys. Raise UserError naming a file."""
+
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Velocity prediction for `noisy_latents` (same shape), conditioned on the batch."""
         raise self._missing("predict")

@@ -113,6 +113,11 @@ class NetworkTrainer:
             self.total_steps = self.args.max_train_steps
         logger.info("%d batches per epoch, %d steps per epoch, %d steps in total",
                     len(self.batches), self.steps_per_epoch, self.total_steps)
+        from musubi_tuner.dataset.cache_files import read_cache_shapes
+
+        samples = {str(b.entries[0].latent_path): set(read_cache_shapes(b.entries[0].latent_path))
+                   for b in self.batches.buckets}
+        self.arch.check_training_caches(samples, self.args)
 
     def _load_dit(self) -> None:
         args = self.args

@@ -227,14 +227,31 @@ class WanArchitecture(Architecture):
 
         return wan_dit_to_original(state_dict)
 
+    def check_training_caches(self, latent_keys: dict[str, set[str]], args: argparse.Namespace) -> None:
+        if args.task == "flf2v-14B":
+            raise UserError("--task flf2v-14B: FLF2V training needs first+last-frame caches, which this version does "
+                            "not write; train --task i2v-14B (start-frame conditioning) or a T2V task")
+        if args.task not in I2V_TASKS:
+            return  # I2V caches also train T2V models: predict() ignores their image conditioning
+        for path, keys in latent_keys.items():
+            missing = [k for k in ("latents_image", "clip") if k not in keys]
+            if missing:
+                raise UserError(f"{path} has no {' / '.join(missing)}: --task {args.task} needs I2V caches. Re-run "
+                                "wan_cache_latents.py --i2v --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth "
+                                "(without --skip_existing)")
+
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         dtype = dit_compute_dtype(dit)
         device = noisy_latents.device
         context = pad_text_embeddings([t.to(device) for t in batch["t5"]]).to(dtype)
         hidden = noisy_latents
-        if "latents_image" in batch:
+        image_model = dit.config.in_channels > noisy_latents.shape[1]  # I2V/FLF2V DiTs take 16 + 20 channels
+        if image_model:
+            if "latents_image" not in batch:
+                raise UserError("this DiT is an I2V/FLF2V model but the batch has no image conditioning; use I2V "
+                                "caches (wan_cache_latents.py --i2v --clip ...) or a start image (--image_path)")
             hidden = torch.cat([hidden, batch["latents_image"].to(device, hidden.dtype)], dim=1)
-        clip = batch.get("clip")
+        clip = batch.get("clip") if image_model else None  # T2V models ignore I2V caches' image conditioning
         if clip is not None:
             clip = clip.to(device, dtype)
             if getattr(dit.config, "pos_embed_seq_len", None):
