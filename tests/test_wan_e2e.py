@@ -264,3 +264,18 @@ def test_save_last_n_prunes_old_checkpoints_and_states(ws, tmp_path):
     assert names == ["lora-000002-state", "lora-000002.safetensors", "lora-state",
                      "lora-step00000004-state", "lora-step00000004.safetensors", "lora-step00000006-state", "lora-step00000006.safetensors",
                      "lora-step00000008-state", "lora-step00000008.safetensors", "lora.safetensors"], names
+
+
+def test_skip_existing_re_encodes_caches_that_no_longer_fit(ws, tmp_path, capsys):
+    # a changed resolution keeps the cache names (they carry the original size) but not the latent size
+    toml = tmp_path / "bigger.toml"
+    toml.write_text(ws.toml.read_text().replace("resolution = [32, 32]", "resolution = [48, 48]"))
+    args = ["--dataset_config", str(toml), *ws.vae_args, "--skip_existing"]
+    assert run(wan_cache_latents.main, args) == 0
+    assert "3 written, 0 already cached" in capsys.readouterr().out
+    with safe_open(str(ws.root / "data" / "cache_vid" / "blue_square_00000-005_0032x0032_wan.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["latents_2x6x6_float32"]
+    assert run(wan_cache_latents.main, args) == 0
+    assert "0 written, 3 already cached" in capsys.readouterr().out
+    # back to the fixture's resolution for the other tests
+    assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--skip_existing"]) == 0

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from musubi_tuner.architectures.base import Architecture
-from musubi_tuner.dataset.cache_files import latent_metadata, write_cache
+from musubi_tuner.dataset.cache_files import latent_metadata, read_cache_shapes, write_cache
 from musubi_tuner.dataset.config import load_dataset_config
 from musubi_tuner.dataset.items import Item
 from musubi_tuner.dataset.media import load_item_pixels
@@ -93,10 +93,30 @@ def batched(items: list[Item], size: int) -> Iterator[list[Item]]:
             yield group[start:start + size]
 
 
+def latent_cache_is_current(arch: Architecture, item: Item, contents: set[str]) -> bool:
+    """For --skip_existing: the cache exists, holds what these flags write, and fits the item's current bucket
+    (the file name carries the ORIGINAL size, so a changed resolution would otherwise go unnoticed)."""
+    path = item.latent_cache_path
+    if not path.exists():
+        return False
+    try:
+        shapes = read_cache_shapes(path)
+    except Exception:  # unreadable/truncated: re-encode it
+        return False
+    if not contents <= set(shapes):
+        return False
+    width, height = item.bucket_size
+    expected = arch.latent_shape(width, height, item.frame_count)
+    cached = shapes["latents"][0]
+    return tuple(cached[-2:]) == tuple(expected[-2:]) and (len(expected) < 4 or cached[-3] == expected[-3])
+
+
 def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSummary:
     datasets = load_datasets(arch, args)
     summary = CacheSummary(bad_media=[s for d in datasets for s in d.skipped])
-    todo = [(d, i) for d in datasets for i in d.items if not (args.skip_existing and i.latent_cache_path.exists())]
+    contents = arch.latent_cache_contents(args)
+    todo = [(d, i) for d in datasets for i in d.items
+            if not (args.skip_existing and latent_cache_is_current(arch, i, contents))]
     summary.skipped_existing = sum(len(d.items) for d in datasets) - len(todo)
     if todo:
         encoders = arch.load_latent_encoders(args, resolve_device(args.device))

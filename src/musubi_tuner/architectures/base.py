@@ -79,6 +79,11 @@ class Architecture:
         """Everything `encode_latents` needs (VAE, image encoder ...)."""
         return self.load_vae(args, device)
 
+    def latent_cache_contents(self, args: argparse.Namespace) -> set[str]:
+        """The content names `encode_latents` writes with these flags (`--skip_existing` re-encodes caches that
+        lack any, e.g. T2V caches when `--i2v` is asked for)."""
+        return {"latents"}
+
     def encode_latents(self, encoders: Any, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         """One content dict per item, e.g. {"latents": (C,F,H,W)}."""
         raise self._missing("encode_latents")

@@ -120,6 +120,9 @@ class FluxKontextArchitecture(Architecture):
                 out[i] = latent
         return out
 
+    def latent_cache_contents(self, args: argparse.Namespace) -> set[str]:
+        return {"latents", "latents_control"}
+
     def encode_latents(self, encoders: nn.Module, batch: list[ItemPixels],
                        args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         for item in batch:

@@ -159,6 +159,14 @@ class WanArchitecture(Architecture):
         contexts = [encode_images_clip(clip, img) for img in images]  # each (B, N, D)
         return torch.cat(contexts, dim=1)
 
+    def latent_cache_contents(self, args: argparse.Namespace) -> set[str]:
+        contents = {"latents"}
+        if getattr(args, "i2v", False):
+            contents.add("latents_image")
+            if getattr(args, "clip", None):
+                contents.add("clip")
+        return contents
+
     def encode_latents(self, encoders: WanLatentEncoders, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         vae = encoders.vae
         pixels = torch.stack([item.pixels for item in batch])
