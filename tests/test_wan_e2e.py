@@ -279,3 +279,25 @@ def test_skip_existing_re_encodes_caches_that_no_longer_fit(ws, tmp_path, capsys
     assert "0 written, 3 already cached" in capsys.readouterr().out
     # back to the fixture's resolution for the other tests
     assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--skip_existing"]) == 0
+
+
+def test_resume_auto_picks_the_newest_complete_state(ws, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="musubi_tuner")
+    out = tmp_path / "o"
+    extra = ["--save_every_n_steps", "2", "--save_state"]
+    assert run(wan_train_network.main, ws.train_args(out, 5, *extra)) == 0
+    straight = load_file(str(out / "lora.safetensors"))
+    # states at steps 2 and 4; drop the final one and fake an interrupted save at 6: auto must pick step 4
+    import shutil
+
+    shutil.rmtree(out / "lora-state")
+    (out / "lora-step00000006-state").mkdir()
+    (out / "lora.safetensors").unlink()
+    caplog.clear()
+    assert run(wan_train_network.main, ws.train_args(out, 5, *extra, "--resume", "auto")) == 0
+    assert "lora-step00000004-state at step 4" in caplog.text
+    assert all(torch.equal(straight[k], v) for k, v in load_file(str(out / "lora.safetensors")).items())
+    fresh = tmp_path / "fresh"  # nothing to resume: starts at step 0
+    assert run(wan_train_network.main, ws.train_args(fresh, 1, "--resume", "auto")) == 0

@@ -134,7 +134,6 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
                         summary.written += 1
                     bar.update(len(batch))
     remove_stale(datasets, lambda i: i.latent_cache_path, f"*_{arch.traits.cache_code}.safetensors", summary, args.keep_cache)
-    logger.info(summary.report("latent caches"))
     return summary
 
 
@@ -160,7 +159,6 @@ def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSumma
                 bar.update(len(chunk))
     remove_stale(datasets, lambda i: i.text_cache_path, f"*_{arch.traits.cache_code}_te.safetensors", summary,
                  args.keep_cache)
-    logger.info(summary.report("text encoder caches"))
     return summary
 
 

@@ -105,7 +105,11 @@ def _list_entries(spec: DatasetSpec, traits: DatasetTraits, skip) -> list[MediaE
             continue
         ctrl: list[Path] = []
         if controls is not None:
-            ctrl = controls.get(_stem(path), [])[:needed]
+            found = controls.get(_stem(path), [])
+            if len(found) > needed:
+                logger.warning("%s: %d control files for %s, this dataset uses %d (the first: %s)", spec.label,
+                               len(found), path.name, needed, ", ".join(p.name for p in found[:needed]))
+            ctrl = found[:needed]
             if len(ctrl) < needed:
                 skip(path, f"{needed} control file(s) named {path.stem}.* or {path.stem}_N.* expected in "
                            f"{spec.control_directory}, found {len(ctrl)}")

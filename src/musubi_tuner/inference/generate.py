@@ -48,7 +48,6 @@ class RenderSettings:
 
     solver: str = "unipc"
     device: torch.device = torch.device("cpu")
-    cpu_noise: bool = True
     progress: bool = True
 
 
@@ -78,7 +77,7 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
     if spec.flow_shift is None or spec.flow_shift == 0:
         mu = flux_mu(arch.timestep_shift_sequence_length(shape))
     scheduler = make_flow_scheduler(settings.solver, spec.flow_shift or None, mu=mu)
-    latents = initial_noise((1, *shape), spec.seed, settings.device, cpu_noise=settings.cpu_noise)
+    latents = initial_noise((1, *shape), spec.seed, settings.device)  # drawn on the CPU: same on every device
 
     def predict(x: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
         return arch.predict(dit, c, x, t)

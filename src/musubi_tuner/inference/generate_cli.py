@@ -41,7 +41,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--infer_steps", type=int, default=None, help="denoising steps")
     parser.add_argument("--save_path", default=None, help="output folder")
     parser.add_argument("--seed", type=int, default=None, help="seed (random when omitted)")
-    parser.add_argument("--cpu_noise", action="store_true", default=True, help="draw noise on the CPU (default; seeds match across devices)")
+    parser.add_argument("--cpu_noise", action="store_true",
+                        help="accepted for compatibility: noise is always drawn on the CPU, so a seed gives the same "
+                             "output on every device (as ComfyUI)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--flow_shift", type=float, default=None, help="flow-matching shift")
     parser.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "vanilla"])
@@ -68,7 +70,7 @@ class GenerationSession:
 
         self.arch, self.args = arch, args
         self.device = resolve_device(args.device)
-        self.settings = RenderSettings(solver=args.sample_solver, device=self.device, cpu_noise=args.cpu_noise)
+        self.settings = RenderSettings(solver=args.sample_solver, device=self.device)
         self._text_encoders = None
         self.latent_encoders = arch.load_latent_encoders(args, self.device)
         self.dit = None

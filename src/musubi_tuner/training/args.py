@@ -210,7 +210,7 @@ def _add_network(p: argparse.ArgumentParser) -> None:
 def _add_save_load(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", type=str, default=None)
     p.add_argument("--output_name", type=str, default=None)
-    p.add_argument("--resume", type=str, default=None, help="state folder to resume from")
+    p.add_argument("--resume", type=str, default=None, help="state folder to resume from, or `auto` for the newest complete state of --output_name in --output_dir")
     p.add_argument("--save_every_n_epochs", type=int, default=None)
     p.add_argument("--save_every_n_steps", type=int, default=None)
     p.add_argument("--save_last_n_epochs", type=int, default=None, help="keep this many epoch saves")
@@ -240,7 +240,7 @@ def _add_huggingface(p: argparse.ArgumentParser) -> None:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dit", type=str, default=None, help="DiT checkpoint")
     p.add_argument("--vae", type=str, default=None, help="VAE checkpoint")
-    p.add_argument("--vae_dtype", type=str, default=None, help="VAE dtype (float16 when omitted)")
+    p.add_argument("--vae_dtype", type=str, default=None, help="VAE dtype (default: the architecture's, bfloat16 for Wan, float32 for the FLUX AE)")
 
 
 def add_common_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

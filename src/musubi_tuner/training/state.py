@@ -7,7 +7,6 @@ crash mid-save leaves the previous state untouched and never a half folder that 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.training.checkpoint_files import read_state_marker, write_state_marker
 from musubi_tuner.utils.atomic import atomic_directory, save_safetensors_atomic
 
-STATE_MARKER = "musubi_state.json"
 STATE_FORMAT = 1
 
 
@@ -77,18 +76,11 @@ def save_state(folder: Path, *, network_sd: dict[str, torch.Tensor], optimizer: 
         for index, rng in enumerate(rng_states):
             torch.save(rng, tmp / rng_file(index))
         # written last: a folder without it is incomplete
-        (tmp / STATE_MARKER).write_text(json.dumps({"format": STATE_FORMAT, **asdict(progress)}, indent=2))
+        write_state_marker(tmp, {"format": STATE_FORMAT, **asdict(progress)})
 
 
 def read_progress(folder: Path) -> TrainProgress:
-    folder = Path(folder)
-    marker = folder / STATE_MARKER
-    if not folder.is_dir():
-        raise UserError(f"--resume {folder}: no such state folder (it is written by --save_state)")
-    if not marker.exists():
-        raise UserError(f"--resume {folder}: incomplete state (no {STATE_MARKER}; the save was interrupted); "
-                        "pass an earlier state folder")
-    data = json.loads(marker.read_text())
+    data = read_state_marker(folder)  # refuses a missing folder or an incomplete (interrupted) save
     if data.get("format") != STATE_FORMAT:
         raise UserError(f"--resume {folder}: state format {data.get('format')} is not supported (expected {STATE_FORMAT})")
     data.pop("format")

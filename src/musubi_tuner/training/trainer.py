@@ -14,6 +14,7 @@ import argparse
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class NetworkTrainer:
         self.progress = TrainProgress()
         self.samples = None
         self.max_norm_stats: tuple[int, float, float] | None = None
+        self.session_id = random.SystemRandom().randint(0, 2**32 - 1)  # ss_session_id, as the reference
+        self.started_at = time.time()
 
     # ---- the run, as named steps -------------------------------------------------------------
     def train(self) -> Path:
@@ -177,6 +180,13 @@ class NetworkTrainer:
         self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
 
     def _resume_if_asked(self) -> None:
+        if self.args.resume == "auto":
+            latest = names.find_latest_complete_state(self.args.output_dir, self.args.output_name)
+            if latest is None:
+                logger.info("--resume auto: no complete state of %s in %s; starting at step 0",
+                            self.args.output_name, self.args.output_dir)
+                return
+            self.args.resume = str(latest)
         if not self.args.resume:
             return
         saved = read_progress(Path(self.args.resume))
@@ -373,7 +383,7 @@ class NetworkTrainer:
         optimizer_eval_mode(self.optimizer)  # schedule-free optimizers: save the averaged weights
         out = Path(self.args.output_dir)
         path = out / lora_file
-        save_network(self.network, self.arch, self.args, path, self.progress)
+        save_network(self.network, self.arch, self.args, path, self.progress, self.session_id, self.started_at)
         self._last_saved = str(path)
         logger.info("saved %s", path)
         if with_state:
