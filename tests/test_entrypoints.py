@@ -52,3 +52,21 @@ def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "missing.toml" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_logging_follows_the_current_stderr(monkeypatch):
+    """The CLI log handler must not keep a stream that a harness later closes (it would print logging errors)."""
+    import io
+    import logging
+
+    from musubi_tuner.cli import setup_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    logging.getLogger("musubi_tuner").warning("one")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("musubi_tuner").warning("two")
+    assert second.getvalue().endswith("two\n")

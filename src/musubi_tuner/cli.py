@@ -12,11 +12,24 @@ from musubi_tuner.errors import UserError
 logger = logging.getLogger("musubi_tuner")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (not the stream at set-up), so a caller
+    that swaps stderr (a test harness, a notebook) never leaves the handler writing to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the package logger once, for command-line runs only (never at import)."""
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
