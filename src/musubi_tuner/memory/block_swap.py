@@ -8,8 +8,10 @@ non-blocking); a forward hook points them back at the CPU copies. The base weigh
 `.data` is safe; LoRA weights live in the network, on the GPU, and are not touched.
 
 In training, pair it with `--gradient_checkpointing`: the checkpointed recompute runs the hooks again, so only a
-few blocks' weights are on the GPU at once. Without checkpointing autograd keeps each block's GPU weights alive
-until its backward, which is correct but saves little. Transfers run on the compute stream (not yet overlapped
+few blocks' weights are on the GPU at once. The forward must run inside `full_recompute()`: by default PyTorch's
+non-reentrant checkpoint stops the recompute as soon as it has the tensors backward needs, before the block's
+forward hook, which would leave the block's GPU copy in place. Without checkpointing autograd keeps each block's
+GPU weights alive until its backward, which is correct but saves little. Transfers run on the compute stream (not yet overlapped
 with compute): block swap trades speed for memory.
 """
 
@@ -23,6 +25,14 @@ from torch import nn
 from musubi_tuner.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+def full_recompute():
+    """Context for the training forward with block swap: checkpoints created inside recompute the whole block, so
+    the forward hook that returns the weights to the CPU runs during backward too."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    return set_checkpoint_early_stop(False)
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

@@ -11,6 +11,7 @@ the scheduler and the counters, so a resumed run continues bit-for-bit where it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import random
@@ -314,7 +315,7 @@ class NetworkTrainer:
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
         noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
                                                       uniform)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._forward_context():
             pred = self.arch.predict(self.dit, batch, noisy, timesteps)
         target = noise - latents
         loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="none")
@@ -328,6 +329,13 @@ class NetworkTrainer:
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         return bad.item() == 0
+
+    def _forward_context(self):
+        if self.args.blocks_to_swap:
+            from musubi_tuner.memory.block_swap import full_recompute
+
+            return full_recompute()
+        return contextlib.nullcontext()
 
     def _average_gradients(self) -> None:
         """Mean of the LoRA gradients over processes, in one all-reduce (a missing grad, e.g. after module
