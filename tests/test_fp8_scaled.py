@@ -62,3 +62,25 @@ def test_scaled_is_closer_to_the_original_than_plain_fp8():
         return ((y - ref).abs().amax(dim=0) / ref.abs().amax(dim=0)).max()
 
     assert worst_relative_error(scaled(x)) < 0.1 < worst_relative_error(plain(x))
+
+
+def test_backward_keeps_only_fp8_weights_and_gives_the_exact_input_gradient():
+    """Without gradient checkpointing, an upcast weight saved for backward would cost more than no fp8 at all."""
+    torch.manual_seed(0)
+    for quantize in (cast_linear_weights_to_fp8, quantize_linear_weights_scaled_fp8):
+        layer = nn.Linear(128, 64)
+        quantize(nn.ModuleDict({"l": layer}))
+        x = torch.randn(4, 128, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        big = [t for t in saved if t.shape == (64, 128)]
+        assert big and all(t.dtype == torch.float8_e4m3fn for t in big), [t.dtype for t in big]
+        y.square().sum().backward()
+        scale = getattr(layer, "scale_weight", None)
+        from musubi_tuner.memory.fp8 import dequantize
+
+        w = dequantize(layer.weight, scale, torch.float32)
+        x_ref = x.detach().clone().requires_grad_(True)
+        F.linear(x_ref, w, layer.bias).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)

@@ -25,6 +25,46 @@ from torch import nn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 weight (and optional scale: (out, in // block, 1) block-wise or (out, 1) per channel) -> `dtype`."""
+    if scale is None:
+        return weight.to(dtype)
+    if scale.ndim == 3:
+        out_features, in_features = weight.shape
+        blocks = weight.to(dtype).view(out_features, scale.shape[1], -1)
+        return (blocks * scale.to(dtype)).view(out_features, in_features)
+    return weight.to(dtype) * scale.to(dtype)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """x @ dequant(W).T + b for a frozen fp8 W, keeping only the fp8 tensors for backward.
+
+    Plain `F.linear(x, W.to(bf16))` would save the upcast copy for backward, so without gradient checkpointing
+    every layer's full-precision weight would stay alive through the forward (more memory than no fp8 at all).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, dtype):
+        ctx.save_for_backward(weight, scale)
+        return F.linear(x, dequantize(weight, scale, dtype), bias)  # autocast, if on, applies here as usual
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad_out @ dequantize(weight, scale, grad_out.dtype)
+        return grad_x, None, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+               compute_dtype: torch.dtype) -> torch.Tensor:
+    dtype = compute_dtype if x.dtype in FP8_DTYPES else x.dtype
+    x = x.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Fp8Linear.apply(x, weight, scale, bias, dtype)
+    return F.linear(x, dequantize(weight, scale, dtype), bias)
+
+
 class Fp8StorageLinear(nn.Linear):
     """An `nn.Linear` whose weight is stored in fp8 and upcast per call (made by `cast_linear_weights_to_fp8`)."""
 
@@ -32,9 +72,7 @@ class Fp8StorageLinear(nn.Linear):
     """The weight's dtype before casting; used when the input itself arrives in fp8."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype if x.dtype in FP8_DTYPES else x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        return fp8_linear(x, self.weight, None, self.bias, self.compute_dtype)
 
 
 def cast_linear_weights_to_fp8(
@@ -85,17 +123,10 @@ class ScaledFp8Linear(nn.Linear):
     compute_dtype: torch.dtype
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        out_features, in_features = self.weight.shape
-        scale = self.scale_weight.to(dtype)
-        if scale.ndim == 3:
-            blocks = self.weight.to(dtype).view(out_features, scale.shape[1], -1)
-            return (blocks * scale).view(out_features, in_features)
-        return self.weight.to(dtype) * scale
+        return dequantize(self.weight, self.scale_weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype if x.dtype in FP8_DTYPES else x.dtype
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias)
+        return fp8_linear(x, self.weight, self.scale_weight, self.bias, self.compute_dtype)
 
 
 def quantize_weight_scaled(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
