@@ -7,7 +7,7 @@ DEMO_DIR ?= demo_output
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	# the local CPU wheel; a bare `torch` would pull a multi-GB CUDA build
+	# torch first, pinned: where pip finds the local CPU wheel (CI) it takes that; elsewhere PyPI's default build
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@

@@ -11,9 +11,7 @@ import logging
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict
-from musubi_tuner.networks.lora_files import load_lora_file
-from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
+from musubi_tuner.inference.lora_merge import merge_lora_files
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +36,20 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(
             f"--lora_multiplier has {len(args.lora_multiplier)} values for {len(args.lora_weight)} --lora_weight files"
         )
-    multipliers = args.lora_multiplier + [1.0] * (len(args.lora_weight) - len(args.lora_multiplier))
-    device = torch.device(args.device) if args.device else None
-    loras = [load_lora_file(path)[0] for path in args.lora_weight]
     targets = None
     if args.arch:
         from musubi_tuner.convert_lora import targets_for_arch
+        from musubi_tuner.networks.lora_files import load_lora_file
 
         try:
-            targets = targets_for_arch(args.arch, loras[0])
+            targets = targets_for_arch(args.arch, load_lora_file(args.lora_weight[0])[0])
         except NotImplementedError:
             raise UserError(
                 f"--arch {args.arch}: diffusers-layout LoRAs cannot be merged for this architecture yet"
             ) from None
-    logger.info("loading %s", args.dit)
-    base = load_state_dict(args.dit, flag="--dit")
-    merged = merge_lora_into_original_state_dict(base, loras, multipliers, targets, device)
-    logger.info("saving %s", args.save_merged_model)
-    save_state_dict(merged, args.save_merged_model)
+    device = torch.device(args.device) if args.device else None
+    merge_lora_files(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model, targets=targets,
+                     device=device)
 
 
 if __name__ == "__main__":

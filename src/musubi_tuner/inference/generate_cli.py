@@ -174,6 +174,8 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
     if len(args.lora_multiplier) > len(args.lora_weight):
         raise UserError("more --lora_multiplier values than --lora_weight files")
     arch.validate_arguments(args, "generate")
+    if args.latent_path and args.save_merged_model:
+        raise UserError("--latent_path (decode only) and --save_merged_model (merge only) do different jobs; run them separately")
     if not args.save_path and not args.save_merged_model:
         raise UserError("--save_path is required (the output folder)")
     session = GenerationSession(arch, args) if not args.save_merged_model else None

@@ -56,22 +56,33 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
         logger.info("merged LoRA %s (%d modules, multiplier %s)", path, len(network.loras), multiplier)
 
 
-def save_merged_model(arch: Architecture, args: argparse.Namespace) -> None:
-    """Merge --lora_weight files into --dit in its ORIGINAL key layout and write --save_merged_model."""
+def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[float], output: str, *,
+                     targets=None, device=None, include: Sequence[str] | None = None,
+                     exclude: Sequence[str] | None = None) -> None:
+    """Merge LoRA files (any layout) into a DiT file in its ORIGINAL key layout and write `output` (atomic).
+    Serves merge_lora.py and every generate script's --save_merged_model, for every architecture."""
     from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict
     from musubi_tuner.networks.lora_files import load_lora_file
     from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
 
+    logger.info("loading %s", dit)
+    base = load_state_dict(dit, flag="--dit")
+    for path, multiplier in zip(lora_paths, _multipliers(lora_paths, multipliers)):
+        lora = filter_lora_modules(load_lora_file(path)[0], include, exclude)
+        try:  # one at a time (the merge is in place, so the result is the same) to name the failing file
+            merge_lora_into_original_state_dict(base, lora, multiplier, targets, device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--lora_weight {path}: {exc}") from exc
+    logger.info("saving %s", output)
+    save_state_dict(base, output)
+    print(f"saved merged model: {output}")
+
+
+def save_merged_model(arch: Architecture, args: argparse.Namespace) -> None:
+    """The generate scripts' --save_merged_model: --lora_weight files merged into --dit, original layout."""
     if not args.dit:
         raise UserError("--save_merged_model needs --dit (the base model file)")
     if not args.lora_weight:
         raise UserError("--save_merged_model needs at least one --lora_weight")
-    base = load_state_dict(args.dit, flag="--dit")
-    for path, multiplier in zip(args.lora_weight, _multipliers(args.lora_weight, args.lora_multiplier)):
-        lora = filter_lora_modules(load_lora_file(path)[0], args.include_patterns, args.exclude_patterns)
-        try:  # one at a time (the merge is in place, so the result is the same) to name the failing file
-            merge_lora_into_original_state_dict(base, lora, multiplier)
-        except CheckpointError as exc:
-            raise CheckpointError(f"--lora_weight {path}: {exc}") from exc
-    save_state_dict(base, args.save_merged_model)
-    print(f"saved merged model: {args.save_merged_model}")
+    merge_lora_files(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model,
+                     include=args.include_patterns, exclude=args.exclude_patterns)

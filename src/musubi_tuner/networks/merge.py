@@ -54,9 +54,11 @@ def merge_lora_into_original_state_dict(
         canonical, unmatched = parse_lora_state_dict(lora_sd, index)
         absent = [n for n in canonical if f"{prefix}{n}.weight" not in base_sd]
         if unmatched or absent:
-            bad = (absent + unmatched)[:5]
+            from musubi_tuner.networks.lora import _module_stems
+
+            bad = absent + _module_stems(unmatched)
             raise CheckpointError(
-                f"LoRA #{number}: {len(absent) + len(unmatched)} module(s) are not in the base model, e.g. {bad}; "
+                f"LoRA #{number}: {len(bad)} module(s) are not in the base model, e.g. {bad[:5]}; "
                 "is the LoRA for another architecture?"
             )
         for name, weights in canonical.items():

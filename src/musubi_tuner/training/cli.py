@@ -23,6 +23,7 @@ NO_EFFECT = {
     "ddp_static_graph": (False, "the LoRA is not wrapped in DDP; its gradients are all-reduced directly"),
     "disable_numpy_memmap": (False, "checkpoints are always memory-mapped through safetensors"),
     "use_pinned_memory_for_block_swap": (False, "swapped blocks are always kept in pinned memory on CUDA"),
+    "block_swap_ring_size": (2, "block swap stages one block at a time on the compute stream"),
 }
 
 

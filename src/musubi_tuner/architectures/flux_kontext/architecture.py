@@ -257,6 +257,7 @@ class FluxKontextArchitecture(Architecture):
         paths = list(getattr(request, "control_image_paths", None) or [])
         path = paths[0] if paths else getattr(args, "control_image_path", None)
         if not path:
+            logger.warning("no control image (--control_image_path / --ci): generating from the prompt alone")
             return {}
         # The generate script resizes to a preferred Kontext size unless --no_resize_control; samples during
         # training (no such flag) keep the control's own size, as the reference does.

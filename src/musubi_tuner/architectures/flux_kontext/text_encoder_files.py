@@ -48,7 +48,7 @@ def _count(sd: dict, pattern: str) -> int:
 
 
 # ---- T5 ----------------------------------------------------------------------------------------
-def infer_t5_config(sd: dict[str, torch.Tensor]) -> dict:
+def infer_t5_config(sd: dict[str, torch.Tensor], source: str = "--text_encoder1") -> dict:
     """`T5Config` kwargs from HF-layout T5 encoder weights.
 
     Heads come from the relative-attention bias table (buckets x heads); real T5-XXL v1.1:
@@ -59,7 +59,7 @@ def infer_t5_config(sd: dict[str, torch.Tensor]) -> dict:
     if emb is None or bias_key not in sd:
         shown = ", ".join(list(sd)[:3]) or "no keys"
         raise CheckpointError(
-            f"--text_encoder1: not a T5 encoder in Hugging Face layout (first keys: {shown}); "
+            f"{source}: not a T5 encoder in Hugging Face layout (first keys: {shown}); "
             "expected t5xxl_fp16.safetensors"
         )
     buckets, heads = sd[bias_key].shape
@@ -97,7 +97,7 @@ def t5_encoder_config(*, vocab_size: int, d_model: int, d_kv: int, d_ff: int, nu
     }
 
 
-def build_t5(sd: dict[str, torch.Tensor]):
+def build_t5(sd: dict[str, torch.Tensor], source: str = "--text_encoder1"):
     """`T5EncoderModel` from HF-layout weights (meta init, no random weights)."""
     from transformers import T5Config, T5EncoderModel
 
@@ -105,7 +105,7 @@ def build_t5(sd: dict[str, torch.Tensor]):
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
     sd.setdefault("shared.weight", sd["encoder.embed_tokens.weight"])
     with torch.device("meta"):
-        model = T5EncoderModel(T5Config(**infer_t5_config(sd)))
+        model = T5EncoderModel(T5Config(**infer_t5_config(sd, source)))
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as exc:
@@ -132,9 +132,9 @@ def load_t5xxl(
             "use t5xxl_fp16.safetensors (add --fp8_t5 to save memory)"
         )
     if not fp8:
-        return build_t5(_cast(sd, device, dtype)).eval().requires_grad_(False)
+        return build_t5(_cast(sd, device, dtype), f"--text_encoder1 {path}").eval().requires_grad_(False)
     # Build and cast on the CPU, then move: full-precision weights never reach `device` (lower peak VRAM).
-    model = build_t5(_cast(sd, "cpu", dtype)).eval().requires_grad_(False)
+    model = build_t5(_cast(sd, "cpu", dtype), f"--text_encoder1 {path}").eval().requires_grad_(False)
     _cast_t5_to_fp8(model)
     return model.to(device=device)
 
@@ -154,7 +154,7 @@ def _clip_heads(hidden: int) -> int:
     return hidden // 64 if hidden % 64 == 0 else hidden // 16
 
 
-def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict:
+def infer_clip_config(sd: dict[str, torch.Tensor], source: str = "--text_encoder2") -> dict:
     """`CLIPTextConfig` kwargs from CLIP text weights (keys without the `text_model.` prefix).
 
     Real CLIP-L: hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408, 77 positions, quick_gelu.
@@ -163,7 +163,7 @@ def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict:
     if "embeddings.token_embedding.weight" not in sd:
         shown = ", ".join(list(sd)[:3]) or "no keys"
         raise CheckpointError(
-            f"--text_encoder2: not a CLIP text encoder (first keys: {shown}); expected clip_l.safetensors"
+            f"{source}: not a CLIP text encoder (first keys: {shown}); expected clip_l.safetensors"
         )
     vocab, hidden = sd["embeddings.token_embedding.weight"].shape
     return {
@@ -182,13 +182,13 @@ def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def build_clip(sd: dict[str, torch.Tensor]):
+def build_clip(sd: dict[str, torch.Tensor], source: str = "--text_encoder2"):
     """`CLIPTextModel` from CLIP text weights (`text_model.` prefix optional)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if k not in _CLIP_IGNORED}
-    config = CLIPTextConfig(**infer_clip_config(sd))
+    config = CLIPTextConfig(**infer_clip_config(sd, source))
     with torch.device("meta"):
         model = CLIPTextModel(config)
     try:
@@ -209,7 +209,7 @@ def load_clip_l(
 ):
     """Load CLIP-L from `clip_l.safetensors` (ComfyUI layout) as a frozen, eval `CLIPTextModel`."""
     sd = _strip(_read_safetensors(path, "--text_encoder2"), _CLIP_PREFIXES)
-    return build_clip(_cast(sd, device, dtype)).eval().requires_grad_(False)
+    return build_clip(_cast(sd, device, dtype), f"--text_encoder2 {path}").eval().requires_grad_(False)
 
 
 # ---- tokenizers and prompt encoding ------------------------------------------------------------

@@ -287,7 +287,7 @@ def _fp32_module(key: str, keep_in_fp32: list[str]) -> bool:
 
 
 def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                    source: str, flag: str) -> None:
+                    source: str, flag: str, device: str | torch.device = "cpu") -> None:
     """Fill a meta-device model from `state` (consumed), casting as `from_pretrained(torch_dtype=...)` would."""
     expected = set(model.state_dict())
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
@@ -302,7 +302,8 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtyp
     for key in expected:
         tensor = state.pop(key)  # drop the file's copy as soon as it is cast: one copy of the weights at a time
         target = torch.float32 if _fp32_module(key, keep) else (dtype or tensor.dtype)
-        cast[key] = tensor.to(target) if tensor.is_floating_point() else tensor
+        # cast on the way to the device: an fp32 file never exists on the GPU in fp32 when bf16 is asked for
+        cast[key] = tensor.to(device, target) if tensor.is_floating_point() else tensor.to(device)
     try:
         model.load_state_dict(cast, strict=True, assign=True)
     except RuntimeError as exc:
@@ -327,17 +328,17 @@ def load_wan_dit(path: str | os.PathLike, *, task: str | None = None, device: st
     the file's dtype. The model is returned in eval mode with gradients off.
     """
     path = Path(path)
-    shapes, state = _read_shapes_or_state(path, device, flag)
+    shapes, state = _read_shapes_or_state(path, "cpu", flag)  # memory-mapped; tensors move one by one below
     detected, config = infer_wan_config(shapes, num_heads=num_heads, source=str(path), flag=flag)
     if task is not None:
         check_task_matches(task, detected, config, str(path), flag)
     if state is None:
-        state = load_state_dict(path, device=device, flag=flag)
+        state = load_state_dict(path, device="cpu", flag=flag)
     state = strip_prefix(state)
     if dit_layout(state) == "original":
         state = wan_dit_to_diffusers(state)
     model = build_empty_wan_dit(config)
-    _assign_weights(model, state, dtype, str(path), flag)
+    _assign_weights(model, state, dtype, str(path), flag, device)
     model.to(device)  # RoPE buffers were built on the CPU
     model.requires_grad_(False)
     return model.eval()
