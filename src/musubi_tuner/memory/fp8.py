@@ -75,6 +75,19 @@ class Fp8StorageLinear(nn.Linear):
         return fp8_linear(x, self.weight, None, self.bias, self.compute_dtype)
 
 
+def selected_linears(module: nn.Module, skip_patterns: Iterable[str], include: Iterable[str] | None,
+                     fp8_dtype: torch.dtype) -> list[tuple[str, nn.Linear]]:
+    """The plain `nn.Linear` layers the fp8 conversions touch: not matching `skip_patterns`, and matching
+    `include` when given (regexes searched in the qualified name)."""
+    if fp8_dtype not in FP8_DTYPES:
+        raise ValueError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8_dtype}")
+    skips = [re.compile(p) for p in skip_patterns]
+    includes = None if include is None else [re.compile(p) for p in include]
+    return [(name, layer) for name, layer in module.named_modules()
+            if type(layer) is nn.Linear and not any(p.search(name) for p in skips)
+            and (includes is None or any(p.search(name) for p in includes))]
+
+
 def cast_linear_weights_to_fp8(
     module: nn.Module,
     skip_patterns: Iterable[str] = (),
@@ -90,17 +103,9 @@ def cast_linear_weights_to_fp8(
     Values beyond the fp8 range are clamped (a plain cast would give NaN for e4m3fn).
     Returns the qualified names of the layers cast, in module order.
     """
-    if fp8_dtype not in FP8_DTYPES:
-        raise ValueError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8_dtype}")
-    skips = [re.compile(p) for p in skip_patterns]
-    includes = None if include is None else [re.compile(p) for p in include]
     limit = torch.finfo(fp8_dtype).max
     cast: list[str] = []
-    for name, layer in module.named_modules():
-        if type(layer) is not nn.Linear or any(p.search(name) for p in skips):
-            continue
-        if includes is not None and not any(p.search(name) for p in includes):
-            continue
+    for name, layer in selected_linears(module, skip_patterns, include, fp8_dtype):
         weight = layer.weight.detach()
         layer.compute_dtype = weight.dtype
         layer.weight = nn.Parameter(weight.clamp(-limit, limit).to(fp8_dtype), requires_grad=False)
@@ -150,16 +155,8 @@ def quantize_linear_weights_scaled_fp8(
 ) -> list[str]:
     """Like `cast_linear_weights_to_fp8`, but with per-block scales (much smaller rounding error). Merge LoRAs
     BEFORE calling this; the same pattern rules apply. Returns the qualified names of the layers quantized."""
-    if fp8_dtype not in FP8_DTYPES:
-        raise ValueError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8_dtype}")
-    skips = [re.compile(p) for p in skip_patterns]
-    includes = None if include is None else [re.compile(p) for p in include]
     done: list[str] = []
-    for name, layer in module.named_modules():
-        if type(layer) is not nn.Linear or any(p.search(name) for p in skips):
-            continue
-        if includes is not None and not any(p.search(name) for p in includes):
-            continue
+    for name, layer in selected_linears(module, skip_patterns, include, fp8_dtype):
         layer.compute_dtype = layer.weight.dtype
         quantized, scale = quantize_weight_scaled(layer.weight, fp8_dtype)
         layer.weight = nn.Parameter(quantized, requires_grad=False)
