@@ -120,7 +120,7 @@ def test_stale_saves_and_remove(tmp_path):
     args = SimpleNamespace(output_name="m", save_last_n_epochs=2, save_last_n_epochs_state=1, save_last_n_steps=None,
                            save_last_n_steps_state=None)
     for epoch in (1, 2, 3):
-        touch(tmp_path / C.epoch_lora_name("m", epoch))
+        touch(tmp_path / C.epoch_ckpt_name("m", epoch))
         touch(tmp_path / C.state_dir_name("m", "epoch", epoch) / "optimizer.bin")
     stale = C.stale_saves(tmp_path, args, "epoch", 3)
     assert [p.name for p in stale] == ["m-000001.safetensors", "m-000001-state", "m-000002-state"]
@@ -129,4 +129,4 @@ def test_stale_saves_and_remove(tmp_path):
     C.remove_path(tmp_path / "gone")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-000002.safetensors", "m-000003-state", "m-000003.safetensors"]
     assert C.stale_saves(tmp_path, args, "step", 10) == []
-    assert C.state_dir_name("m", "final", None) == "m-state" and C.final_lora_name("m") == "m.safetensors"
+    assert C.state_dir_name("m", "final", None) == "m-state" and C.last_ckpt_name("m") == "m.safetensors"

@@ -54,12 +54,6 @@ def last_state_name(name: str) -> str:
     return f"{name}-state"
 
 
-# Names the trainer uses.
-epoch_lora_name = epoch_ckpt_name
-step_lora_name = step_ckpt_name
-final_lora_name = last_ckpt_name
-
-
 def state_dir_name(name: str, kind: str, number: int | None) -> str:
     """State folder of a save: kind `epoch` / `step` (with its number) or `final`."""
     if kind == "final":

@@ -363,7 +363,7 @@ class NetworkTrainer:
                              keys_scaled=scaled, mean_norm=mean_norm, max_norm=max_norm)
             self.accelerator.log(logs, step=step)
         if self.args.save_every_n_steps and step % self.args.save_every_n_steps == 0 and step < self.total_steps:
-            self._save(names.step_lora_name(self.args.output_name, step), kind="step", number=step)
+            self._save(names.step_ckpt_name(self.args.output_name, step), kind="step", number=step)
         if self.args.sample_every_n_steps and step % self.args.sample_every_n_steps == 0:
             self._sample(step=step)
 
@@ -374,7 +374,7 @@ class NetworkTrainer:
         self.loss_average.new_epoch()
         last_epoch = self.args.max_train_epochs and epoch >= self.args.max_train_epochs
         if self.args.save_every_n_epochs and epoch % self.args.save_every_n_epochs == 0 and not last_epoch:
-            self._save(names.epoch_lora_name(self.args.output_name, epoch), kind="epoch", number=epoch)
+            self._save(names.epoch_ckpt_name(self.args.output_name, epoch), kind="epoch", number=epoch)
         if self.args.sample_every_n_epochs and epoch % self.args.sample_every_n_epochs == 0:
             self._sample(epoch=epoch)
 
@@ -425,7 +425,7 @@ class NetworkTrainer:
 
     def _finish(self) -> Path:
         self.accelerator.wait_for_everyone()
-        path = Path(self.args.output_dir) / names.final_lora_name(self.args.output_name)
+        path = Path(self.args.output_dir) / names.last_ckpt_name(self.args.output_name)
         self._save(path.name, kind="final", number=None)
         self.accelerator.end_training()
         # accelerate keeps mixed precision in a process-wide singleton; forget it so a later run in the same
