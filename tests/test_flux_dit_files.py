@@ -7,6 +7,7 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import save_file
 from torch import nn
 
+from _numerics import assert_same_outputs, assert_same_weights
 from musubi_tuner.architectures.flux_kontext import dit_files
 from musubi_tuner.architectures.flux_kontext.dit_files import (
     bfl_to_diffusers,
@@ -127,7 +128,8 @@ def test_tiny_saved_in_bfl_layouts_loads_to_identical_outputs(tmp_path, prefix):
     loaded = load_flux_dit(path, device="cpu", dtype=torch.float32)
     assert dict(loaded.config) == dict(source.config)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
-    assert torch.equal(_kontext_forward(loaded), _kontext_forward(source))
+    assert_same_weights(loaded, source)
+    assert_same_outputs(_kontext_forward(loaded), _kontext_forward(source))
 
 
 def test_load_casts_to_requested_dtype(tmp_path):
@@ -142,7 +144,8 @@ def test_diffusers_layout_single_file_is_accepted(tmp_path):
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     loaded = load_flux_dit(path, dtype=torch.float32)
-    assert torch.equal(_kontext_forward(loaded), _kontext_forward(source))
+    assert_same_weights(loaded, source)
+    assert_same_outputs(_kontext_forward(loaded), _kontext_forward(source))
 
 
 def test_non_flux_file_is_refused_with_the_flag_hint(tmp_path):
