@@ -171,7 +171,20 @@ def read_state_marker(state_dir: str | Path) -> dict[str, Any]:
 
 
 def is_complete_state(state_dir: str | Path) -> bool:
-    return (Path(state_dir) / STATE_MARKER).is_file()
+    """Ours (marker present) or one saved by the reference (see `is_reference_state`)."""
+    return (Path(state_dir) / STATE_MARKER).is_file() or is_reference_state(state_dir)
+
+
+# The reference saves states with accelerate's save_state: these files, no marker (see training.reference_state).
+REFERENCE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+REFERENCE_OPTIMIZER_FILE = "optimizer.bin"
+
+
+def is_reference_state(folder: str | Path) -> bool:
+    """A folder in accelerate's save_state layout, without our marker."""
+    folder = Path(folder)
+    return (folder.is_dir() and not (folder / STATE_MARKER).exists() and (folder / REFERENCE_OPTIMIZER_FILE).is_file()
+            and any((folder / name).is_file() for name in REFERENCE_WEIGHT_FILES))
 
 
 def find_latest_complete_state(output_dir: str | Path, name: str) -> Path | None:

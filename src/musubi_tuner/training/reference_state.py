@@ -8,12 +8,14 @@ counters; older ones record no step, so it is taken from the folder name (`<name
 
 What carries over: LoRA weights, optimizer state (re-ordered by parameter name: the reference orders each
 module's down/up pair together), LR scheduler, the step/epoch counters. What cannot: the RNG streams (the
-reference draws noise from other generators) and the position in a shuffled epoch (the reference's data
-order is not ours); a warning says so.
+reference draws noise from other generators) and the data order within a shuffled epoch (the reference's data
+order is not ours: the rest of the epoch follows this tool's order); a warning says so. `--resume auto`
+finds these folders too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.training.checkpoint_files import STATE_MARKER
+from musubi_tuner.training.checkpoint_files import REFERENCE_OPTIMIZER_FILE, REFERENCE_WEIGHT_FILES
 from musubi_tuner.training.state import (
     LoadedState,
     StateError,
@@ -33,19 +35,11 @@ from musubi_tuner.training.state import (
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-OPTIMIZER_FILE = "optimizer.bin"
+WEIGHT_FILES, OPTIMIZER_FILE = REFERENCE_WEIGHT_FILES, REFERENCE_OPTIMIZER_FILE
 SCHEDULER_FILE = "scheduler.bin"
 PROGRESS_FILE = "musubi_training_state.json"  # newer reference versions only
 _STEP_NAME = re.compile(r".*-step(\d{8,})-state")
 _EPOCH_NAME = re.compile(r".*-(\d{6,})-state")
-
-
-def is_reference_state(folder: str | Path) -> bool:
-    """A folder in accelerate's save_state layout, without our marker."""
-    folder = Path(folder)
-    return (folder.is_dir() and not (folder / STATE_MARKER).exists() and (folder / OPTIMIZER_FILE).is_file()
-            and any((folder / name).is_file() for name in WEIGHT_FILES))
 
 
 def reference_progress(folder: Path, steps_per_epoch: int, accumulation: int,
@@ -88,14 +82,18 @@ def _at_step(step: int, steps_per_epoch: int, accumulation: int) -> TrainProgres
                          batch_in_epoch=(step % steps_per_epoch) * accumulation)
 
 
-def read_reference_state(folder: Path, steps_per_epoch: int, accumulation: int) -> LoadedState:
-    """Read and check a reference state folder (every file loaded, so damage shows before the DiT loads)."""
+def read_reference_state(folder: Path, steps_per_epoch: int, accumulation: int,
+                         args: argparse.Namespace | None = None) -> LoadedState:
+    """Read and check a reference state folder (every file loaded, so damage shows before the DiT loads; with
+    `args`, the rank and alpha are checked against --network_dim/--network_alpha too)."""
     folder = Path(folder)
     weights_path = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
     if weights_path.suffix == ".safetensors":
         network_sd = load_safetensors_file(weights_path, folder)
     else:
         network_sd = load_torch_file(weights_path, folder)
+    if args is not None:
+        _check_rank_and_alpha(network_sd, args, folder)
     optimizer_sd = load_torch_file(folder / OPTIMIZER_FILE, folder)
     scheduler_path = folder / SCHEDULER_FILE
     scheduler_sd = load_torch_file(scheduler_path, folder) if scheduler_path.is_file() else None
@@ -108,6 +106,17 @@ def read_reference_state(folder: Path, steps_per_epoch: int, accumulation: int) 
                        SCHEDULER_FILE, progress.global_step)
     return LoadedState(folder=folder, progress=progress, network_sd=network_sd, optimizer_sd=optimizer_sd,
                        scheduler_sd=scheduler_sd, rng=None, reference_layout=True)
+
+
+def _check_rank_and_alpha(sd: dict[str, torch.Tensor], args: argparse.Namespace, folder: Path) -> None:
+    ranks = sorted({v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")})
+    if args.network_dim is not None and not args.dim_from_weights and ranks and ranks != [args.network_dim]:
+        raise StateError(f"--resume {folder}: the state's LoRA has rank {'/'.join(map(str, ranks))}, this run has "
+                         f"--network_dim {args.network_dim}; use the --network_dim of the saved run")
+    alphas = sorted({round(float(v), 6) for k, v in sd.items() if k.endswith(".alpha")})
+    if args.network_alpha is not None and alphas and alphas != [round(float(args.network_alpha), 6)]:
+        raise StateError(f"--resume {folder}: the state's LoRA has alpha {'/'.join(f'{a:g}' for a in alphas)}, this "
+                         f"run has --network_alpha {args.network_alpha:g}; use the --network_alpha of the saved run")
 
 
 def load_reference_network(network: torch.nn.Module, sd: dict[str, torch.Tensor], folder: Path) -> None:

@@ -202,7 +202,7 @@ class NetworkTrainer:
 
     def _read_resume_state(self) -> None:
         """--resume: read and check the state (ours or the reference's) now; it is applied once the network exists."""
-        from musubi_tuner.training.reference_state import is_reference_state, read_reference_state
+        from musubi_tuner.training.reference_state import read_reference_state
         from musubi_tuner.training.state import read_state
 
         if self.args.resume == "auto":
@@ -215,8 +215,9 @@ class NetworkTrainer:
         if not self.args.resume:
             return
         folder = Path(self.args.resume)
-        if is_reference_state(folder):
-            state = read_reference_state(folder, self.steps_per_epoch, self.args.gradient_accumulation_steps)
+        if names.is_reference_state(folder):
+            state = read_reference_state(folder, self.steps_per_epoch, self.args.gradient_accumulation_steps,
+                                         self.args)
         else:
             state = read_state(folder, self.args, self.accelerator.process_index)
         if state.progress.global_step >= self.total_steps:
