@@ -10,16 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_train_network
-from wan_fixtures import make_workspace, run
+from musubi_tuner import wan_train_network
+from wan_fixtures import make_cached_workspace, run
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("wan_saves"))
-    assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--device", "cpu"]) == 0
-    assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(ws.toml), *ws.t5_args, "--device", "cpu"]) == 0
-    return ws
+    return make_cached_workspace(tmp_path_factory.mktemp("wan_saves"))
 
 
 @pytest.fixture(scope="module")
