@@ -7,18 +7,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from musubi_tuner import merge_lora, wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
-from wan_fixtures import make_workspace, run
+from musubi_tuner import merge_lora, wan_cache_latents, wan_generate_video, wan_train_network
+from wan_fixtures import make_cached_workspace, run
 
 
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("wan"))
-    assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--device", "cpu"]) == 0
-    assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(ws.toml), *ws.t5_args, "--device", "cpu"]) == 0
-    return ws
+    return make_cached_workspace(tmp_path_factory.mktemp("wan"))
 
 
 def test_cache_files_follow_the_reference_names_and_keys(ws):

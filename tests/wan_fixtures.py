@@ -73,3 +73,13 @@ def make_workspace(root: Path) -> WanWorkspace:
     toml = write_clip_dataset(root / "data")
     return WanWorkspace(root=root, dit=models["dit"], vae=models["vae"], t5=encoders["t5"],
                         tokenizer=encoders["tokenizer"], toml=toml)
+
+
+def make_cached_workspace(root: Path) -> WanWorkspace:
+    """`make_workspace` with the latent and text caches written through the CLIs."""
+    from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs
+
+    ws = make_workspace(root)
+    assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--device", "cpu"]) == 0
+    assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(ws.toml), *ws.t5_args, "--device", "cpu"]) == 0
+    return ws

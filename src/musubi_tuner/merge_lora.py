@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(
             f"--lora_multiplier has {len(args.lora_multiplier)} values for {len(args.lora_weight)} --lora_weight files"
         )
+    from musubi_tuner.utils.output_location import check_output_file
+
+    check_output_file(args.save_merged_model, "--save_merged_model")  # before the DiT is read
     targets = None
     if args.arch:
         from musubi_tuner.convert_lora import targets_for_arch

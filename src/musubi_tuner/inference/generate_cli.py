@@ -178,6 +178,12 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
         raise UserError("--latent_path (decode only) and --save_merged_model (merge only) do different jobs; run them separately")
     if not args.save_path and not args.save_merged_model:
         raise UserError("--save_path is required (the output folder)")
+    from musubi_tuner.utils.output_location import check_output_dir, check_output_file
+
+    if args.save_merged_model:  # checked before any model loads
+        check_output_file(args.save_merged_model, "--save_merged_model")
+    else:
+        check_output_dir(args.save_path, "--save_path")
     session = GenerationSession(arch, args) if not args.save_merged_model else None
     if args.latent_path:
         decode_latent_files(session, args.latent_path)

@@ -17,13 +17,23 @@ it last, atomically, after everything else in the folder.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.utils.atomic import write_text_atomic
+from musubi_tuner.utils.atomic import (
+    BACKUP_SUFFIX,
+    backup_path,
+    leftover_temp_paths,
+    path_size,
+    restore_interrupted_replacement,
+    write_text_atomic,
+)
+
+logger = logging.getLogger(__name__)
 
 STATE_MARKER = "musubi_state.json"
 Kind = Literal["epoch", "step", "epoch_state", "step_state"]
@@ -161,22 +171,89 @@ def read_state_marker(state_dir: str | Path) -> dict[str, Any]:
 
 
 def is_complete_state(state_dir: str | Path) -> bool:
-    return (Path(state_dir) / STATE_MARKER).is_file()
+    """Ours (marker present) or one saved by the reference (see `is_reference_state`)."""
+    return (Path(state_dir) / STATE_MARKER).is_file() or is_reference_state(state_dir)
+
+
+# The reference saves states with accelerate's save_state: these files, no marker (see training.reference_state).
+REFERENCE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+REFERENCE_OPTIMIZER_FILE = "optimizer.bin"
+
+
+def is_reference_state(folder: str | Path) -> bool:
+    """A folder in accelerate's save_state layout, without our marker."""
+    folder = Path(folder)
+    return (folder.is_dir() and not (folder / STATE_MARKER).exists() and (folder / REFERENCE_OPTIMIZER_FILE).is_file()
+            and any((folder / name).is_file() for name in REFERENCE_WEIGHT_FILES))
 
 
 def find_latest_complete_state(output_dir: str | Path, name: str) -> Path | None:
     """Newest complete state of `name`, by step number (epoch states ranked after their step via the
-    marker's `global_step` when present), or the final `{name}-state`. None when there is none."""
+    marker's `global_step` when present), or the final `{name}-state`. None when there is none.
+
+    A state parked by an interrupted replacement (`.{folder}.old`, see utils.atomic) counts for its folder
+    while that folder is missing or incomplete."""
     candidates: list[tuple[int, int, Path]] = []
     for kind in ("step_state", "epoch_state"):
-        for number, path in list_saves(output_dir, name, kind).items():
-            if is_complete_state(path):
-                step = _marker_step(path, number if kind == "step_state" else -1)
-                candidates.append((step, 0, path))
-    final = Path(output_dir) / last_state_name(name)
-    if is_complete_state(final):
+        for number, path in _state_folders(output_dir, name, kind).items():
+            step = _marker_step(path, number if kind == "step_state" else -1)
+            candidates.append((step, 0, path))
+    final = _complete_or_parked(Path(output_dir) / last_state_name(name))
+    if final is not None:
         candidates.append((_marker_step(final, -1), 1, final))
     return max(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
+
+
+def _complete_or_parked(folder: Path) -> Path | None:
+    for candidate in (folder, backup_path(folder)):
+        if is_complete_state(candidate):
+            return candidate
+    return None
+
+
+def _state_folders(output_dir: str | Path, name: str, kind: Kind) -> dict[int, Path]:
+    """Complete state folders of `kind` by number, including parked ones whose folder is gone."""
+    found: dict[int, Path] = {}
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return found
+    pattern = _pattern(kind, name)
+    for entry in output_dir.iterdir():
+        plain = entry.name[1:-len(BACKUP_SUFFIX)] if entry.name.endswith(BACKUP_SUFFIX) else entry.name
+        match = pattern.fullmatch(plain)
+        if match and entry.is_dir():
+            path = _complete_or_parked(output_dir / plain)
+            if path is not None:
+                found[int(match.group(1))] = path
+    return found
+
+
+def clean_interrupted_saves(output_dir: str | Path, name: str) -> None:
+    """Start-of-run housekeeping for saves of `name` that a killed run left behind in `output_dir`: a state
+    folder parked mid-replacement is put back; our own temp files/folders (`.{name}....tmp`) are removed.
+    Only names matching the temp pattern of utils.atomic are touched; each removal is logged."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+
+    def is_ours(target: str) -> bool:  # `{name}.safetensors`, `{name}-...` (saves and states), nothing else
+        return target == last_ckpt_name(name) or target.startswith(f"{name}-")
+
+    for entry in output_dir.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(BACKUP_SUFFIX) and is_ours(entry.name[1:-len(BACKUP_SUFFIX)]):
+            target = output_dir / entry.name[1:-len(BACKUP_SUFFIX)]
+            if restore_interrupted_replacement(target):
+                logger.warning("restored %s: a save was interrupted while replacing it", target)
+    leftovers = leftover_temp_paths(output_dir, is_ours)
+    total = 0
+    for path in leftovers:
+        size = path_size(path)
+        remove_path(path)
+        total += size
+        logger.info("removed %s (%.1f MB) left by an interrupted save", path.name, size / 2**20)
+    if leftovers:
+        logger.info("cleaned up %d leftover(s) of interrupted saves in %s, %.1f MB freed", len(leftovers),
+                    output_dir, total / 2**20)
 
 
 def _marker_step(path: Path, default: int) -> int:

@@ -27,9 +27,17 @@ from musubi_tuner.architectures.base import Architecture
 from musubi_tuner.errors import TrainingAborted, UserError
 from musubi_tuner.training import checkpoint_files as names
 from musubi_tuner.training.optimizers import optimizer_eval_mode, optimizer_train_mode
-from musubi_tuner.training.state import TrainProgress, load_state, read_progress, save_state
+from musubi_tuner.training.state import LoadedState, StateError, TrainProgress, apply_state, resume_flags, save_state
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; carries what was reached and saved, and the state folder to resume from."""
+
+    def __init__(self, summary: str, last_state: str | None):
+        super().__init__(summary)
+        self.summary, self.last_state = summary, last_state
 
 
 class NetworkTrainer:
@@ -41,20 +49,28 @@ class NetworkTrainer:
         self.max_norm_stats: tuple[int, float, float] | None = None
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)  # ss_session_id, as the reference
         self.started_at = time.time()
+        self.resume_state: LoadedState | None = None
+        self._last_saved: str | None = None
+        self._last_state: str | None = None
 
     # ---- the run, as named steps -------------------------------------------------------------
     def train(self) -> Path:
         self._setup_accelerator()
+        self._clean_interrupted_saves()
         self._build_data()
+        self._read_resume_state()  # a damaged or mismatching state fails here, before any model loads
         self._prepare_sampling()  # encodes the sample prompts and frees the text encoders before the DiT loads
         self._load_dit()
         self._build_network()
         self._build_optimizer()
         self._resume_if_asked()
         self._start_logging()
-        if self.args.sample_at_first and self.progress.global_step == 0:
-            self._sample(epoch=0)
-        self._run_epochs()
+        try:
+            if self.args.sample_at_first and self.progress.global_step == 0:
+                self._sample(epoch=0)
+            self._run_epochs()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupt_summary(), self._last_state) from None
         return self._finish()
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -96,6 +112,10 @@ class NetworkTrainer:
         np.random.seed(args.seed % 2**32)
         # noise and timesteps: one generator per process, saved in the state for exact resume
         self.noise_generator = torch.Generator("cpu").manual_seed(args.seed + self.accelerator.process_index)
+
+    def _clean_interrupted_saves(self) -> None:
+        if self.accelerator.is_main_process:
+            names.clean_interrupted_saves(self.args.output_dir, self.args.output_name)
 
     def _build_data(self) -> None:
         from musubi_tuner.dataset.batches import CachedBatches
@@ -180,7 +200,11 @@ class NetworkTrainer:
         # the network is not wrapped in DDP (its forward is never called); gradients are averaged by hand
         self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
 
-    def _resume_if_asked(self) -> None:
+    def _read_resume_state(self) -> None:
+        """--resume: read and check the state (ours or the reference's) now; it is applied once the network exists."""
+        from musubi_tuner.training.reference_state import read_reference_state
+        from musubi_tuner.training.state import read_state
+
         if self.args.resume == "auto":
             latest = names.find_latest_complete_state(self.args.output_dir, self.args.output_name)
             if latest is None:
@@ -190,10 +214,26 @@ class NetworkTrainer:
             self.args.resume = str(latest)
         if not self.args.resume:
             return
-        saved = read_progress(Path(self.args.resume))
-        self.progress = load_state(Path(self.args.resume), network=self.network, optimizer=self.optimizer,
-                                   lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator,
-                                   process_index=self.accelerator.process_index)
+        folder = Path(self.args.resume)
+        if names.is_reference_state(folder):
+            state = read_reference_state(folder, self.steps_per_epoch, self.args.gradient_accumulation_steps,
+                                         self.args)
+        else:
+            state = read_state(folder, self.args, self.accelerator.process_index)
+        if state.progress.global_step >= self.total_steps:
+            flag = "--max_train_epochs" if self.args.max_train_epochs else "--max_train_steps"
+            raise StateError(f"--resume {folder}: the state is at step {state.progress.global_step}, which already "
+                             f"reaches the {self.total_steps} steps of {flag}; nothing is left to train. Raise {flag} "
+                             "to train further")
+        self.resume_state = state
+
+    def _resume_if_asked(self) -> None:
+        if self.resume_state is None:
+            return
+        saved = self.resume_state.progress
+        self.progress = apply_state(self.resume_state, network=self.network, optimizer=self.optimizer,
+                                    lr_scheduler=self.lr_scheduler, noise_generator=self.noise_generator)
+        self.resume_state = None  # the tensors now live in the network and optimizer
         if saved.batches_per_epoch and saved.batches_per_epoch != len(self.batches):
             logger.warning("the dataset changed since %s was saved (%d batches per epoch then, %d now): "
                            "the data order will differ from the interrupted run", self.args.resume,
@@ -379,32 +419,76 @@ class NetworkTrainer:
             self._sample(epoch=epoch)
 
     # ---- saving --------------------------------------------------------------------------------
-    _last_saved: str | None = None
-
-    def _save(self, lora_file: str, *, kind: str, number: int | None) -> None:
+    def _save(self, lora_file: str, *, kind: str, number: int | None) -> bool:
+        """Write the LoRA (and the state when asked) into --output_dir. False when a write failed (disk full,
+        permissions): that is logged and training goes on, the next save point tries again."""
         with_state = self.args.save_state or (kind == "final" and self.args.save_state_on_train_end)
-        rng_states = self._gather_rng_states() if with_state else []
+        rng_states = self._gather_rng_states() if with_state else None  # collective: every process, once
         if not self.accelerator.is_main_process:
-            return
-        from musubi_tuner.training.network_setup import save_network
-
-        optimizer_eval_mode(self.optimizer)  # schedule-free optimizers: save the averaged weights
+            return True
+        self._save_rng_states = rng_states
         out = Path(self.args.output_dir)
-        path = out / lora_file
-        save_network(self.network, self.arch, self.args, path, self.progress, self.session_id, self.started_at)
-        self._last_saved = str(path)
-        logger.info("saved %s", path)
-        if with_state:
-            state_dir = out / names.state_dir_name(self.args.output_name, kind, number)
-            self.progress.batches_per_epoch = len(self.batches)
-            self.progress.loss_window = self.loss_average.state_dict()
-            save_state(state_dir, network_sd=self.network.state_dict(), optimizer=self.optimizer,
-                       lr_scheduler=self.lr_scheduler, rng_states=rng_states, progress=self.progress)
-            logger.info("saved state %s", state_dir)
-        optimizer_train_mode(self.optimizer)
-        if kind in ("epoch", "step"):
+        saved = self._write_save(out, lora_file, kind, number, rng_states)
+        if saved and kind in ("epoch", "step"):  # never prune older saves after a failed one
             for stale in names.stale_saves(out, self.args, kind, number):
                 names.remove_path(stale)
+        return saved
+
+    def _write_save(self, out: Path, lora_file: str, kind: str, number: int | None,
+                    rng_states: list[dict[str, Any]] | None) -> bool:
+        from musubi_tuner.training.network_setup import save_network
+        from musubi_tuner.utils.output_location import describe_os_error
+
+        target = out / lora_file
+        optimizer_eval_mode(self.optimizer)  # schedule-free optimizers: save the averaged weights
+        try:
+            save_network(self.network, self.arch, self.args, target, self.progress, self.session_id, self.started_at)
+            self._last_saved = str(target)
+            logger.info("saved %s", target)
+            if rng_states is not None:
+                target = out / names.state_dir_name(self.args.output_name, kind, number)
+                self.progress.batches_per_epoch = len(self.batches)
+                self.progress.loss_window = self.loss_average.state_dict()
+                save_state(target, network_sd=self.network.state_dict(), optimizer=self.optimizer,
+                           lr_scheduler=self.lr_scheduler, rng_states=rng_states, progress=self.progress,
+                           flags=resume_flags(self.args))
+                self._last_state = str(target)
+                logger.info("saved state %s", target)
+        except OSError as exc:
+            logger.error("could not save %s at step %d: %s. Training goes on with its state in memory; the next save "
+                         "point tries again", target, self.progress.global_step, describe_os_error(exc))
+            return False
+        finally:
+            optimizer_train_mode(self.optimizer)
+        return True
+
+    def _save_to_fallback(self, wanted: Path) -> Path:
+        """The final save failed: rather than lose the run, write it to the temp dir or the current folder."""
+        import tempfile
+
+        for base in (Path(tempfile.gettempdir()), Path.cwd()):
+            folder = base / f"musubi_tuner_rescued_{self.args.output_name}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue
+            if self._write_save(folder, wanted.name, "final", None, self._save_rng_states):
+                logger.error("the final LoRA could not be written to %s; it was saved to %s instead. Move it (and "
+                             "its state, if any) somewhere safe", wanted, folder / wanted.name)
+                return folder / wanted.name
+        raise TrainingAborted(f"the final LoRA could not be written to {wanted}, nor to the temp folder or the current "
+                              f"folder (see the errors above); last LoRA saved during training: "
+                              f"{self._last_saved or 'none'}")
+
+    def _interrupt_summary(self) -> str:
+        lines = [f"training interrupted at step {self.progress.global_step} of {self.total_steps} "
+                 f"(epoch {self.progress.epoch + 1})",
+                 f"last saved LoRA: {self._last_saved or 'none'}",
+                 f"last saved state: {self._last_state or 'none'}"]
+        if self._last_state is None:
+            lines.append("no state to resume from: add --save_state (with --save_every_n_steps/epochs) to be able to "
+                         "resume; a saved LoRA can seed a new run with --network_weights")
+        return "\n".join(lines)
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
         """Every process's RNG state (a collective call: all processes must reach it)."""
@@ -426,7 +510,8 @@ class NetworkTrainer:
     def _finish(self) -> Path:
         self.accelerator.wait_for_everyone()
         path = Path(self.args.output_dir) / names.last_ckpt_name(self.args.output_name)
-        self._save(path.name, kind="final", number=None)
+        if not self._save(path.name, kind="final", number=None):
+            path = self._save_to_fallback(path)
         self.accelerator.end_training()
         # accelerate keeps mixed precision in a process-wide singleton; forget it so a later run in the same
         # process (tests, notebooks) may choose another (the distributed set-up itself is kept)
