@@ -113,3 +113,17 @@ def test_corrupted_cache_error_or_skip(tmp_path):
         CachedBatches([s], WAN)
     s2 = spec(tmp_path, 0, skip_corrupted_cache=True)
     assert len(CachedBatches([s2], WAN)) == 1
+
+
+def test_non_finite_inputs_are_found_and_named_by_cache_file(tmp_path):
+    s = spec(tmp_path, 0, batch_size=2)
+    add_cache(s, "good", value=1.0)
+    add_cache(s, "bad", value=float("inf"))  # the writer zeroes NaN, not Inf; a foreign tool may write either
+    batches = CachedBatches([s], WAN)
+    (entries,) = batches.batches_for_epoch(0)
+    assert not batches.inputs_are_finite(batches.load_batch(entries))
+    cache = s.cache_directory
+    assert batches.non_finite_caches(entries) == [f"{cache / 'bad_0032x0032_wan.safetensors'} (latents)",
+                                                  f"{cache / 'bad_wan_te.safetensors'} (t5)"]
+    good = [e for e in entries if e.item_key == "good"]
+    assert batches.inputs_are_finite(batches.load_batch(good)) and batches.non_finite_caches(good) == []

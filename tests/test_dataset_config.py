@@ -91,6 +91,28 @@ def test_relative_paths_fall_back_to_config_folder(dirs, monkeypatch, tmp_path_f
     assert spec.image_directory == dirs / "img"
 
 
+def test_relative_cache_and_control_follow_the_media_root(dirs, monkeypatch, tmp_path_factory):
+    """Media found beside the config: the cache (not created yet) and the controls go under the same root."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    (spec,) = load(dirs, '[[datasets]]\nimage_directory = "img"\ncaption_extension = ".txt"\n'
+                         'cache_directory = "cache/img"\ncontrol_directory = "ctrl"\n')
+    assert spec.cache_directory == dirs / "cache/img" and spec.control_directory == dirs / "ctrl"
+    assert not (elsewhere / "cache").exists()
+
+
+def test_relative_paths_found_in_the_working_directory_stay_there(dirs, monkeypatch, tmp_path_factory):
+    """The reference's rule: one root, the working directory, when the media is found there."""
+    here = tmp_path_factory.mktemp("here")
+    (here / "img").mkdir()
+    monkeypatch.chdir(here)
+    (spec,) = load(dirs, '[[datasets]]\nimage_directory = "img"\ncaption_extension = ".txt"\n'
+                         'cache_directory = "cache"\n')
+    assert spec.image_directory.resolve() == here / "img" and spec.cache_directory.resolve() == here / "cache"
+    with pytest.raises(DatasetConfigError, match="control_directory 'ctrl' is not an existing directory"):
+        load(dirs, '[[datasets]]\nimage_directory = "img"\ncaption_extension = ".txt"\ncontrol_directory = "ctrl"\n')
+
+
 def test_target_frames_rounded_with_warning(dirs, caplog):
     with caplog.at_level(logging.WARNING):
         (spec,) = load(dirs, f'[[datasets]]\nvideo_directory = "{dirs/"vid"}"\ncaption_extension = ".txt"\n'

@@ -164,7 +164,7 @@ def test_short_video_is_reported(tmp_path):
     (spec,) = config(tmp_path, f'[[datasets]]\nvideo_directory = "{vids}"\ntarget_frames = [5]\n')
     data = collect_items(spec, WAN)
     assert data.items == [] and "too short: 3 frames" in data.skipped[0][1]
-    with pytest.raises(DatasetConfigError, match="no items to cache or train on"):
+    with pytest.raises(DatasetConfigError, match=r"\[\[datasets\]\]\[0\]: .*vids yields 0 items"):
         require_items([data])
 
 
@@ -269,3 +269,49 @@ def test_preview_and_cli(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         dataset_preview.main(["--dataset_config", str(toml), "--arch", "wan", "--strict"])
     assert exit_info.value.code == 2 and "lost.png" in capsys.readouterr().err
+
+
+def _png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG (grey (H, W) or RGB (H, W, 3)) written by hand: Pillow cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = values.shape[:2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2 if values.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, mode):
+    values = np.array([[0, 257 * 10, 32768, 65535]], dtype=np.uint16)
+    if mode == "I;16":
+        path = _png16(tmp_path / "g.png", values)
+        assert Image.open(path).mode == "I;16"
+        rgb = media.load_image_rgb(path)
+    else:
+        img = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+        rgb = media.to_rgb8(img if mode == "I;16B" else img.convert("I"))
+    assert rgb.mode == "RGB"
+    assert np.asarray(rgb)[0].tolist() == [[0] * 3, [10] * 3, [128] * 3, [255] * 3]
+
+
+def test_16_bit_rgb_png_keeps_its_colours(tmp_path):
+    values = np.zeros((2, 2, 3), np.uint16)
+    values[..., 0], values[..., 1], values[..., 2] = 0x8000, 0xFFFF, 0x1234
+    rgb = media.load_image_rgb(_png16(tmp_path / "c.png", values))
+    assert np.asarray(rgb)[0, 0].tolist() == [128, 255, 18]
+
+
+def test_jsonl_with_a_utf8_bom(tmp_path):
+    png(tmp_path / "a.png")
+    jsonl = tmp_path / "meta.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"image_path": str(tmp_path / "a.png"), "caption": "x"}).encode())
+    (spec,) = config(tmp_path, f'[[datasets]]\nimage_jsonl_file = "{jsonl}"\ncache_directory = "{tmp_path/"c"}"\n')
+    assert [i.caption for i in collect_items(spec, WAN).items] == ["x"]

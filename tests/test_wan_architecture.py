@@ -171,3 +171,14 @@ def test_fp8_base_training_step(tmp_path, mixed_precision, fresh_accelerate_stat
     assert len(ups) == len(trainer.network.loras) == 20
     for name, grad in ups.items():  # lora_up starts at zero, so the first step's gradient lands on the up matrices
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_i2v_caching_without_clip_is_refused_before_anything_loads(tmp_path, capsys):
+    from musubi_tuner import wan_cache_latents
+    from wan_fixtures import run
+
+    toml = tmp_path / "never_read.toml"  # the flags are checked before the config and the VAE are touched
+    argv = ["--dataset_config", str(toml), "--vae", str(tmp_path / "never_loaded.safetensors"), "--i2v"]
+    assert run(wan_cache_latents.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--i2v needs --clip" in err and "never" not in err

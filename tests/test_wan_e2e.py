@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from musubi_tuner import merge_lora, wan_cache_latents, wan_generate_video, wan_train_network
+from musubi_tuner.errors import CheckpointError
 from wan_fixtures import make_cached_workspace, run
 
 
@@ -298,3 +299,49 @@ def test_resume_auto_picks_the_newest_complete_state(ws, tmp_path, caplog):
     assert all(torch.equal(straight[k], v) for k, v in load_file(str(out / "lora.safetensors")).items())
     fresh = tmp_path / "fresh"  # nothing to resume: starts at step 0
     assert run(wan_train_network.main, ws.train_args(fresh, 1, "--resume", "auto")) == 0
+
+
+def test_a_non_finite_cache_stops_training_naming_the_file_not_the_learning_rate(ws, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    caches = {}
+    for name in ("cache_img", "cache_vid"):
+        caches[name] = shutil.copytree(ws.root / "data" / name, tmp_path / name)
+    (bad,) = caches["cache_vid"].glob("*_wan.safetensors")
+    with safe_open(str(bad), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = next(iter(tensors))
+    tensors[key][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(bad), metadata=meta)  # a foreign writer: ours zeroes NaN on the way in
+    toml = tmp_path / "ds.toml"
+    toml.write_text(ws.toml.read_text().replace((ws.root / "data" / "cache_img").as_posix(), caches["cache_img"].as_posix())
+                    .replace((ws.root / "data" / "cache_vid").as_posix(), caches["cache_vid"].as_posix()))
+    args = ws.train_args(tmp_path / "out", 3)
+    args[args.index("--dataset_config") + 1] = str(toml)
+    assert run(wan_train_network.main, args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} (latents)" in err and "re-cache" in err and "--learning_rate" not in err
+
+
+def test_a_lora_with_nan_is_refused_by_generation_and_merge(ws, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "broken.safetensors"
+    down = torch.zeros(4, 32)
+    down[1, 2] = float("nan")
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": down,
+               "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(32, 4),
+               "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(4.0)}, str(lora))
+    gen = ["--task", "t2v-1.3B", "--dit", str(ws.dit), *ws.vae_args, *ws.t5_args, "--lora_weight", str(lora),
+           "--prompt", "a blue square", "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2",
+           "--save_path", str(tmp_path / "out"), "--device", "cpu"]
+    assert run(wan_generate_video.main, gen) == 2
+    err = capsys.readouterr().err
+    assert f"--lora_weight {lora}: tensor lora_unet_blocks_0_self_attn_q.lora_down.weight holds NaN/Inf" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    merged = tmp_path / "merged.safetensors"
+    with pytest.raises(CheckpointError, match="lora_down.weight holds NaN/Inf"):  # merge_lora.main is not wrapped
+        merge_lora.main(["--dit", str(ws.dit), "--lora_weight", str(lora), "--save_merged_model", str(merged)])
+    assert not merged.exists()

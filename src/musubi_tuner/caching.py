@@ -13,7 +13,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -24,6 +24,7 @@ from musubi_tuner.dataset.config import load_dataset_config
 from musubi_tuner.dataset.items import Item
 from musubi_tuner.dataset.media import load_item_pixels
 from musubi_tuner.dataset.sources import DatasetItems, collect_items, require_items
+from musubi_tuner.dataset.stale_caches import CacheKind, plan_sweep
 from musubi_tuner.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -33,14 +34,31 @@ logger = logging.getLogger(__name__)
 class CacheSummary:
     written: int = 0
     skipped_existing: int = 0
-    removed_stale: int = 0
+    removed_stale: list[Path] = field(default_factory=list)
+    kept_for_skipped: int = 0
+    """Caches of media that were skipped this run (kept, see dataset/stale_caches.py)."""
+    kept_not_in_dataset: int = 0
+    """Stale caches kept because of --keep_cache."""
     bad_media: list[tuple[Path, str]] = field(default_factory=list)
+    empty_captions: list[Path] = field(default_factory=list)
 
     def report(self, what: str) -> str:
         lines = [f"{what}: {self.written} written, {self.skipped_existing} already cached (skipped), "
-                 f"{self.removed_stale} stale removed, {len(self.bad_media)} media files skipped"]
+                 f"{len(self.removed_stale)} stale removed, {len(self.bad_media)} media files skipped, "
+                 f"{len(self.empty_captions)} empty captions"]
+        if self.removed_stale:
+            lines.append(f"  removed: {_first_names(self.removed_stale)}")
+        if self.kept_for_skipped:
+            lines.append(f"  kept {self.kept_for_skipped} cache(s) of skipped media files")
+        if self.kept_not_in_dataset:
+            lines.append(f"  kept {self.kept_not_in_dataset} cache(s) of items no longer in the dataset (--keep_cache)")
         lines += [f"  skipped {path}: {reason}" for path, reason in self.bad_media]
         return "\n".join(lines)
+
+
+def _first_names(paths: list[Path], shown: int = 5) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(p.name for p in paths[:shown]) + more
 
 
 def add_common_caching_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,20 +85,27 @@ def load_datasets(arch: Architecture, args: argparse.Namespace) -> list[DatasetI
     return datasets
 
 
-def remove_stale(datasets: list[DatasetItems], cache_path_of: Callable[[Item], Path], pattern: str,
-                 summary: CacheSummary, keep: bool) -> None:
-    """Delete caches matching `pattern` in each dataset's cache folder that no current item would write."""
-    if keep:
-        return
+def new_summary(datasets: list[DatasetItems]) -> CacheSummary:
+    return CacheSummary(bad_media=[s for d in datasets for s in d.skipped],
+                        empty_captions=[p for d in datasets for p in d.empty_captions])
+
+
+def remove_stale(datasets: list[DatasetItems], kind: CacheKind, code: str, summary: CacheSummary, keep: bool) -> None:
+    """Delete the caches no current item writes (see dataset/stale_caches.py for what is kept), and say so."""
     for dataset in datasets:
-        cache_dir = dataset.spec.cache_directory
-        expected = {cache_path_of(item).resolve() for item in dataset.items}
-        if cache_dir is None or not cache_dir.is_dir():
+        plan = plan_sweep(dataset, kind, code)
+        summary.kept_for_skipped += len(plan.kept_for_skipped)
+        if not plan.stale:
             continue
-        for path in cache_dir.glob(pattern):
-            if path.resolve() not in expected:
-                path.unlink()
-                summary.removed_stale += 1
+        if keep:
+            summary.kept_not_in_dataset += len(plan.stale)
+            continue
+        for path in plan.stale:
+            path.unlink()
+        summary.removed_stale.extend(plan.stale)
+        logger.warning("%s: removed %d stale %s cache(s) from %s that no item of the dataset writes (--keep_cache "
+                       "keeps them): %s", dataset.spec.label, len(plan.stale), kind, dataset.spec.cache_directory,
+                       _first_names(plan.stale))
 
 
 def batched(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -113,7 +138,7 @@ def latent_cache_is_current(arch: Architecture, item: Item, contents: set[str]) 
 
 def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSummary:
     datasets = load_datasets(arch, args)
-    summary = CacheSummary(bad_media=[s for d in datasets for s in d.skipped])
+    summary = new_summary(datasets)
     contents = arch.latent_cache_contents(args)
     todo = [(d, i) for d in datasets for i in d.items
             if not (args.skip_existing and latent_cache_is_current(arch, i, contents))]
@@ -133,13 +158,13 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
                                     latent_metadata(item.original_size, frames))
                         summary.written += 1
                     bar.update(len(batch))
-    remove_stale(datasets, lambda i: i.latent_cache_path, f"*_{arch.traits.cache_code}.safetensors", summary, args.keep_cache)
+    remove_stale(datasets, "latent", arch.traits.cache_code, summary, args.keep_cache)
     return summary
 
 
 def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSummary:
     datasets = load_datasets(arch, args)
-    summary = CacheSummary(bad_media=[s for d in datasets for s in d.skipped])
+    summary = new_summary(datasets)
     # one text cache per media file (caption), shared by all frame windows/crops of it
     captions: dict[Path, str] = {}
     for dataset in datasets:
@@ -157,8 +182,7 @@ def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSumma
                     write_cache(path, content, arch.traits, {"caption1": caption})
                     summary.written += 1
                 bar.update(len(chunk))
-    remove_stale(datasets, lambda i: i.text_cache_path, f"*_{arch.traits.cache_code}_te.safetensors", summary,
-                 args.keep_cache)
+    remove_stale(datasets, "text", arch.traits.cache_code, summary, args.keep_cache)
     return summary
 
 

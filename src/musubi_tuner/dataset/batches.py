@@ -20,6 +20,7 @@ from musubi_tuner.dataset.cache_files import parse_latent_cache_name, read_cache
 from musubi_tuner.dataset.config import DatasetSpec
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
+from musubi_tuner.utils.finite import first_non_finite, is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,23 @@ class CachedBatches:
                                 "re-cache them with the same options")
             batch[key] = tensors if key in varlen else torch.stack(tensors)
         return batch
+
+    @staticmethod
+    def inputs_are_finite(batch: dict[str, Any]) -> bool:
+        """No NaN/Inf in any tensor of a loaded batch (one isfinite per tensor: cheap enough for every step)."""
+        tensors = [t for v in batch.values() for t in (v if isinstance(v, list) else [v])]
+        return all(is_finite(t) for t in tensors)
+
+    @staticmethod
+    def non_finite_caches(entries: list[CacheEntry]) -> list[str]:
+        """`file (key)` for each cache file of these entries holding NaN/Inf; re-reads the files, so it is
+        only called once a batch failed `inputs_are_finite`."""
+        found = []
+        for path in dict.fromkeys(p for e in entries for p in (e.latent_path, e.text_path)):
+            bad = first_non_finite(read_cache(path)[0])
+            if bad is not None:
+                found.append(f"{path} ({bad})")
+        return found
 
     # ---- scanning -------------------------------------------------------------------------------
 

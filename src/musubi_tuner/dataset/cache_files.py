@@ -48,6 +48,14 @@ def text_cache_name(stem: str, code: str) -> str:
     return f"{stem}_{code}_te.safetensors"
 
 
+def parse_text_cache_name(name: str, code: str) -> str | None:
+    """The media stem of a text-encoder cache file name for `code`; None if it is not one."""
+    suffix = f"_{code}_te.safetensors"
+    if not name.endswith(suffix) or len(name) == len(suffix):
+        return None
+    return name[: -len(suffix)]
+
+
 @dataclass(frozen=True)
 class LatentCacheName:
     item_key: str

@@ -243,7 +243,7 @@ def _build_spec(index: int, raw: Any, general: dict, path: Path, traits: Dataset
 
     v = _Validator(path, where, ds, general)
     values = {key: v.check(key, get(key)) for key in {**SHARED_KEYS, **kind_keys}}
-    base = path.parent
+    base = _entry_base(values[sources[0]], path.parent)
     spec = DatasetSpec(
         index=index, kind=kind, config_path=path,
         resolution=values["resolution"], caption_extension=values["caption_extension"],
@@ -357,12 +357,21 @@ def _check_unique_cache_dirs(specs: list[DatasetSpec]) -> None:
         seen[key] = spec.index
 
 
+def _entry_base(source: str, config_dir: Path) -> Path:
+    """The ONE folder all relative paths of a dataset entry are taken from, so media and caches share a root.
+
+    The working directory, as in the reference; the config file's folder instead when the entry's media
+    source is not found in the working directory but is found there.
+    """
+    p = Path(source).expanduser()
+    if p.is_absolute() or p.exists() or not (config_dir / p).exists():
+        return Path()
+    return config_dir
+
+
 def _resolve(value: str, base: Path) -> Path:
-    """Relative paths are taken from the working directory, else from the config file's folder."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists() or not (base / p).exists():
-        return p
-    return base / p
+    return p if p.is_absolute() else base / p
 
 
 def _existing_path(value: str, base: Path, path: Path, where: str, key: str, *, directory: bool) -> Path:

@@ -7,6 +7,7 @@ directory of frames (images, sorted by name).
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,15 +53,29 @@ def list_videos(directory: Path) -> list[Path]:
     return sorted(p for p in Path(directory).iterdir() if p.is_file() and is_video(p))
 
 
+def caption_path(media_path: Path, caption_extension: str) -> Path:
+    """The caption file beside a media file (`clip.mp4` -> `clip.txt`)."""
+    return media_path.with_name(media_path.stem + caption_extension)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 text; a byte-order mark picks UTF-16/UTF-32 instead, and is never part of the text."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts both
+        return data.decode("utf-32")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    return data.decode("utf-8-sig")
+
+
 def read_caption(media_path: Path, caption_extension: str) -> str:
-    """Caption next to a media file (`clip.mp4` -> `clip.txt`), whitespace-stripped."""
-    path = media_path.with_name(media_path.stem + caption_extension)
+    """Caption next to a media file, whitespace-stripped (UTF-8, or UTF-16/32 with a BOM)."""
+    path = caption_path(media_path, caption_extension)
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return decode_text(path.read_bytes()).strip()
     except FileNotFoundError:
         raise MediaError(f"caption file {path} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise MediaError(f"cannot read caption file {path}: {exc}") from exc
+        raise MediaError(f"cannot read caption file {path}: {exc}; save it as UTF-8") from exc
 
 
 # ---- probing ------------------------------------------------------------------------------------
@@ -136,11 +151,25 @@ def _first_frame_size(path: Path) -> tuple[int, int]:
 def load_image_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # alpha is dropped (not composited), as the reference feeds RGB to the VAE
+            return to_rgb8(img)
     except FileNotFoundError:
         raise MediaError(f"image {path} not found") from None
     except Exception as exc:
         raise MediaError(f"cannot decode image {path}: {exc}") from exc
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB; alpha is dropped (not composited), as the reference feeds RGB to the VAE.
+
+    Pillow's own conversion clips 16-bit grey (`I;16`, `I;16B`, ... and `I`, which older Pillow and some TIFFs
+    give) at 255, so such a picture comes out almost white: it is scaled from 0..65535 instead. 16-bit RGB PNGs
+    already open as 8-bit `RGB` (their high bytes).
+    """
+    if not img.mode.startswith("I"):
+        return img.convert("RGB")
+    wide = np.asarray(img).astype(np.float64)
+    grey = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
 
 
 def decode_frames(path: Path, indices: list[int] | tuple[int, ...]) -> list[np.ndarray]:

@@ -40,6 +40,8 @@ class DatasetItems:
     items: list[Item]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     """(file, reason) for media that could not be used."""
+    empty_captions: list[Path] = field(default_factory=list)
+    """Caption files (JSONL: media files) whose caption is empty; each was warned about once."""
 
 
 class _Skip(Exception):
@@ -61,6 +63,7 @@ def collect_items(spec: DatasetSpec, traits: DatasetTraits, strict: bool = False
 
     entries = _list_entries(spec, traits, skip)
     _check_unique_stems(spec, entries)
+    empty_captions = [_warn_empty_caption(spec, e) for e in entries if not e.caption]
     selector = BucketSelector(spec.resolution, step=traits.bucket_step, enable_bucket=spec.enable_bucket,
                               no_upscale=spec.bucket_no_upscale)
     items: list[Item] = []
@@ -69,20 +72,35 @@ def collect_items(spec: DatasetSpec, traits: DatasetTraits, strict: bool = False
             items.extend(_entry_items(entry, spec, traits, selector))
         except _Skip as s:
             skip(s.path, s.reason)
-    return DatasetItems(spec=spec, items=items, skipped=skipped)
+    return DatasetItems(spec=spec, items=items, skipped=skipped, empty_captions=empty_captions)
+
+
+def _warn_empty_caption(spec: DatasetSpec, entry: MediaEntry) -> Path:
+    """Warn once per media file (all its frame windows share the caption); returns the file to count."""
+    if spec.is_jsonl:
+        where, shown = entry.path, f"{spec.source} for {entry.path}"
+    else:
+        where = shown = media.caption_path(entry.path, spec.caption_extension or ".txt")
+    logger.warning("%s: empty caption in %s; it trains with an empty prompt (write a caption or remove the file)",
+                   spec.label, shown)
+    return where
 
 
 def require_items(all_datasets: list[DatasetItems]) -> None:
-    """Raise DatasetConfigError when the whole config yields no item (before any model loads)."""
-    if any(d.items for d in all_datasets):
+    """Raise DatasetConfigError when any dataset yields no item (before any model loads).
+
+    An empty (or unmounted) media folder must not look like "nothing to do": the stale sweep would then
+    delete every cache of that dataset.
+    """
+    empty = [d for d in all_datasets if not d.items]
+    if not empty:
         return
     lines = []
-    for d in all_datasets:
+    for d in empty:
         detail = f"; {len(d.skipped)} file(s) skipped, first: {d.skipped[0][0]}: {d.skipped[0][1]}" if d.skipped else ""
-        lines.append(f"{d.spec.label} ({d.spec.source}): 0 items{detail}")
-    config = all_datasets[0].spec.config_path if all_datasets else "dataset config"
-    raise DatasetConfigError(f"{config}: no items to cache or train on; " + " | ".join(lines)
-                             + "; check the media paths, captions and target_frames")
+        lines.append(f"{d.spec.label}: {d.spec.source} yields 0 items{detail}")
+    raise DatasetConfigError(" | ".join(lines) + "; check the media paths, captions and target_frames, "
+                             "or remove the [[datasets]] entry")
 
 
 # ---- entries ------------------------------------------------------------------------------------
@@ -94,7 +112,7 @@ def _list_entries(spec: DatasetSpec, traits: DatasetTraits, skip) -> list[MediaE
     files = media.list_images(spec.source) if spec.kind == "image" else media.list_videos(spec.source)
     controls = None
     if spec.control_directory is not None:
-        controls = _control_index(spec.control_directory, spec.kind, {_stem(p) for p in files})
+        controls = _control_index(spec.control_directory, spec.kind, {media_stem(p) for p in files})
     needed = spec.control_count if spec.kind == "image" else 1
     entries = []
     for path in files:
@@ -105,7 +123,7 @@ def _list_entries(spec: DatasetSpec, traits: DatasetTraits, skip) -> list[MediaE
             continue
         ctrl: list[Path] = []
         if controls is not None:
-            found = controls.get(_stem(path), [])
+            found = controls.get(media_stem(path), [])
             if len(found) > needed:
                 logger.warning("%s: %d control files for %s, this dataset uses %d (the first: %s)", spec.label,
                                len(found), path.name, needed, ", ".join(p.name for p in found[:needed]))
@@ -140,7 +158,11 @@ def _jsonl_entries(spec: DatasetSpec, traits: DatasetTraits, skip) -> list[Media
     path = spec.source
     media_key = "image_path" if spec.kind == "image" else "video_path"
     entries = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = media.decode_text(path.read_bytes()).splitlines()
+    except UnicodeDecodeError as exc:
+        raise DatasetConfigError(f"{spec.label}: cannot read {path} ({exc}); save it as UTF-8") from exc
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -190,14 +212,15 @@ def _jsonl_path(value: str, jsonl: Path) -> Path:
 def _check_unique_stems(spec: DatasetSpec, entries: list[MediaEntry]) -> None:
     seen: dict[str, Path] = {}
     for e in entries:
-        stem = _stem(e.path)
+        stem = media_stem(e.path)
         if stem in seen:
             raise DatasetConfigError(f"{spec.label}: {seen[stem]} and {e.path} share the name {stem!r}, so their "
                                      "cache files would collide; rename one of them")
         seen[stem] = e.path
 
 
-def _stem(path: Path) -> str:
+def media_stem(path: Path) -> str:
+    """The name caches of a media file are keyed by (a frame folder's own name)."""
     return path.name if path.is_dir() else path.stem
 
 
@@ -222,7 +245,7 @@ def _entry_items(entry: MediaEntry, spec: DatasetSpec, traits: DatasetTraits, se
     if windows is not None and not windows:
         raise _Skip(entry.path, f"too short: {count} frames (after source_fps) give no window for target_frames "
                                 f"{list(spec.target_frames)} with frame_extraction = {spec.frame_extraction!r}")
-    stem = _stem(entry.path)
+    stem = media_stem(entry.path)
     bucket = selector.bucket_for(*size)
     text_path = spec.cache_directory / text_cache_name(stem, traits.cache_code)
     if windows is None:

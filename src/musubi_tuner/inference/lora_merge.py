@@ -19,6 +19,20 @@ def _multipliers(paths: Sequence[str], multipliers: Sequence[float]) -> list[flo
     return [multipliers[i] if i < len(multipliers) else 1.0 for i in range(len(paths))]
 
 
+def load_finite_lora(path: str, flag: str = "--lora_weight") -> dict[str, torch.Tensor]:
+    """A LoRA file's state dict; a NaN/Inf in any tensor (a diverged training) is refused, because merged it
+    turns every output black without any other sign."""
+    from musubi_tuner.networks.lora_files import load_lora_file
+    from musubi_tuner.utils.finite import first_non_finite
+
+    sd = load_lora_file(path)[0]
+    bad = first_non_finite(sd)
+    if bad is not None:
+        raise CheckpointError(f"{flag} {path}: tensor {bad} holds NaN/Inf values, so the LoRA would turn the "
+                              "output black; use a checkpoint saved before the training diverged")
+    return sd
+
+
 def filter_lora_modules(sd: dict[str, torch.Tensor], include: Sequence[str] | None,
                         exclude: Sequence[str] | None) -> dict[str, torch.Tensor]:
     """Keep keys whose module stem (the part before `.lora_*`/`.alpha`) passes --include/--exclude_patterns."""
@@ -44,10 +58,9 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
     flag: the option the paths came from (`--lora_weight`, `--base_weights`), named in error messages.
     """
     from musubi_tuner.networks.lora import create_network_from_weights
-    from musubi_tuner.networks.lora_files import load_lora_file
 
     for path, multiplier in zip(paths, _multipliers(paths, multipliers)):
-        sd = filter_lora_modules(load_lora_file(path)[0], include, exclude)
+        sd = filter_lora_modules(load_finite_lora(path, flag), include, exclude)
         if not sd:
             raise UserError(f"{flag} {path}: no module left after --include/--exclude_patterns")
         network = create_network_from_weights(arch, dit, sd, multiplier, source=f"{flag} {path}")
@@ -62,13 +75,12 @@ def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[
     """Merge LoRA files (any layout) into a DiT file in its ORIGINAL key layout and write `output` (atomic).
     Serves merge_lora.py and every generate script's --save_merged_model, for every architecture."""
     from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict
-    from musubi_tuner.networks.lora_files import load_lora_file
     from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
 
+    loras = [filter_lora_modules(load_finite_lora(path), include, exclude) for path in lora_paths]  # before the DiT
     logger.info("loading %s", dit)
     base = load_state_dict(dit, flag="--dit")
-    for path, multiplier in zip(lora_paths, _multipliers(lora_paths, multipliers)):
-        lora = filter_lora_modules(load_lora_file(path)[0], include, exclude)
+    for path, lora, multiplier in zip(lora_paths, loras, _multipliers(lora_paths, multipliers)):
         try:  # one at a time (the merge is in place, so the result is the same) to name the failing file
             merge_lora_into_original_state_dict(base, lora, multiplier, targets, device)
         except CheckpointError as exc:

@@ -324,18 +324,18 @@ class NetworkTrainer:
         return stratified_timestep_pool(self.args.num_timestep_buckets, len(batches), width, gen)
 
     def _train_step(self, group: list[Any], uniforms: list[torch.Tensor] | None = None) -> float:
-        total = 0.0
+        total, bad_caches = 0.0, []
         for index, entries in enumerate(group):
             batch = self.batches.load_batch(entries)
+            if not self.batches.inputs_are_finite(batch):  # a broken cache, not a divergence: name it
+                bad_caches += self.batches.non_finite_caches(entries)
+                total = math.nan
+                continue
             loss = self._loss(batch, None if uniforms is None else uniforms[index]) / len(group)
             self.accelerator.backward(loss)  # scales the loss when fp16 uses a gradient scaler
             total += loss.item()
-        if not self._all_finite(total):
-            last = self._last_saved or "none yet"
-            what = f"loss is {total}" if not math.isfinite(total) else "loss is not finite on another process"
-            raise TrainingAborted(f"{what} at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}); "
-                                  f"nothing was saved after it, last saved LoRA: {last}. "
-                                  "Lower --learning_rate or use --mixed_precision bf16 instead of fp16.")
+        if not self._all_finite(total):  # every process gets here, so all stop together
+            raise TrainingAborted(self._non_finite_message(total, bad_caches))
         self._average_gradients()
         params = [p for p in self.network.parameters() if p.requires_grad]
         if self.args.max_grad_norm:
@@ -362,6 +362,15 @@ class NetworkTrainer:
         loss = loss.mean(dim=list(range(1, loss.ndim)))
         loss = loss * compute_loss_weighting(self.args.weighting_scheme, timesteps).to(loss.device)
         return loss.mean()
+
+    def _non_finite_message(self, total: float, bad_caches: list[str]) -> str:
+        where = (f"at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}); nothing was saved after "
+                 f"it, last saved LoRA: {self._last_saved or 'none yet'}.")
+        if bad_caches:
+            return (f"NaN/Inf in the training input {where} Cache file(s): {', '.join(bad_caches)}; delete them and "
+                    "run the caching scripts again with --skip_existing to re-cache those items.")
+        what = f"loss is {total}" if not math.isfinite(total) else "loss is not finite on another process"
+        return f"{what} {where} Lower --learning_rate or use --mixed_precision bf16 instead of fp16."
 
     def _all_finite(self, loss: float) -> bool:
         """Whether the step's loss is finite on every process (they must stop together, or the rest would hang)."""

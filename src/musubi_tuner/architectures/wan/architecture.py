@@ -107,6 +107,9 @@ class WanArchitecture(Architecture):
                 raise UserError("--one_frame caching is not supported by this version; drop the flag")
             if args.clip is not None:
                 args.i2v = True
+            elif args.i2v:  # Wan2.1 I2V training reads the CLIP context from the caches: fail now, not at training
+                raise UserError("--i2v needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (Wan2.1 "
+                                "I2V caches hold the CLIP image context); add --clip, or drop --i2v for T2V caches")
         if purpose in ("train", "generate") and args.task in I2V_TASKS and not args.clip:
             logger.info("--task %s without --clip: the CLIP context must come from the latent caches", args.task)
 
@@ -161,10 +164,8 @@ class WanArchitecture(Architecture):
 
     def latent_cache_contents(self, args: argparse.Namespace) -> set[str]:
         contents = {"latents"}
-        if getattr(args, "i2v", False):
-            contents.add("latents_image")
-            if getattr(args, "clip", None):
-                contents.add("clip")
+        if getattr(args, "i2v", False):  # validate_arguments: --i2v comes with --clip
+            contents |= {"latents_image", "clip"}
         return contents
 
     def encode_latents(self, encoders: WanLatentEncoders, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
