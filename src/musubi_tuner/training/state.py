@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from musubi_tuner.errors import UserError
-from musubi_tuner.training.checkpoint_files import STATE_MARKER, read_state_marker, write_state_marker
+from musubi_tuner.training.checkpoint_files import read_state_marker, write_state_marker
 from musubi_tuner.utils.atomic import atomic_directory, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
