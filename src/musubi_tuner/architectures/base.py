@@ -41,6 +41,8 @@ class GenerationDefaults:
     """None: resolution-dependent shift (FLUX)."""
     negative_prompt: str = ""
     embedded_guidance: float | None = None
+    sample_solver: str = "unipc"
+    """The reference's sampler for this family (`--sample_solver` default and samples during training)."""
 
 
 class Architecture:
@@ -119,6 +121,11 @@ class Architecture:
 
     # ---- generation ----------------------------------------------------------------------------
     generation_defaults: ClassVar[GenerationDefaults]
+
+    def generation_defaults_for(self, args: argparse.Namespace | None, width: int | None = None,
+                                height: int | None = None) -> GenerationDefaults:
+        """Defaults for these flags (e.g. Wan's `--task`) and this output size; None args: the family's defaults."""
+        return self.generation_defaults
 
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         """Shape (without batch) of the noise for one sample."""
