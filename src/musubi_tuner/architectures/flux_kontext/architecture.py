@@ -184,7 +184,7 @@ class FluxKontextArchitecture(Architecture):
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
         """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
-        from diffusers import FluxTransformer2DModel
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
         from musubi_tuner.architectures.flux_kontext.dit_files import default_axes_dims_rope
 
