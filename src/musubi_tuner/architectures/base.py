@@ -107,6 +107,11 @@ class Architecture:
         """Every Linear the reference's LoRA may target, named by its ORIGINAL module path."""
         raise self._missing("lora_candidates")
 
+    def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
+        """`lora_candidates` of a model sized from a LoRA file's own keys, without any model file
+        (convert_lora.py: exact names, and the diffusers layout)."""
+        raise self._missing("lora_targets_for_conversion")
+
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Diffusers state dict -> original/ComfyUI key layout (for --save_merged_model)."""
         raise self._missing("dit_state_dict_to_original")

@@ -225,6 +225,13 @@ class WanArchitecture(Architecture):
                 targets.append(LoraTarget(original_module_name(path), (LoraPart(path, module),)))
         return targets
 
+    def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
+        """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
+        from musubi_tuner.architectures.wan.dit_files import build_empty_wan_dit
+        from musubi_tuner.architectures.wan.lora_layout import wan_config_from_lora
+
+        return self.lora_candidates(build_empty_wan_dit(wan_config_from_lora(lora_sd)))
+
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from musubi_tuner.architectures.wan.dit_files import wan_dit_to_original
 
