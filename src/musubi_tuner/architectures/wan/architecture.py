@@ -226,11 +226,11 @@ class WanArchitecture(Architecture):
         return targets
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
-        """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
-        from musubi_tuner.architectures.wan.dit_files import build_empty_wan_dit
-        from musubi_tuner.architectures.wan.lora_layout import wan_config_from_lora
+        """LoRA targets sized from the LoRA's own keys (no model file needed)."""
+        from musubi_tuner.architectures.wan.lora_layout import wan_config_from_lora, wan_lora_targets_from_config
 
-        return self.lora_candidates(build_empty_wan_dit(wan_config_from_lora(lora_sd)))
+        # meta Linears from the name table, not a diffusers model: convert_lora/merge_lora need not import diffusers
+        return wan_lora_targets_from_config(wan_config_from_lora(lora_sd))
 
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from musubi_tuner.architectures.wan.dit_files import wan_dit_to_original
