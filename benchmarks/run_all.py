@@ -2,7 +2,7 @@
 
 Each benchmark prints Markdown tables; see docs/benchmarks.md for what they mean and figures measured so far.
 Options: --work_dir (where the 2.8 GB checkpoint of bench_load_memory is kept, default ~/.cache/musubi-bench),
---skip LOAD|TRAIN|CACHING to leave one out.
+--skip TRAIN|LOAD|CACHING|IMPORTS to leave one out.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_caching  # noqa: E402
+import bench_import_time  # noqa: E402
 import bench_load_memory  # noqa: E402
 import bench_train_overhead  # noqa: E402
 from _bench_util import DEFAULT_WORK_DIR  # noqa: E402
 
-BENCHMARKS = ("train", "load", "caching")
+BENCHMARKS = ("train", "load", "caching", "imports")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     if "caching" not in args.skip:
         print("\n## latent caching throughput\n", flush=True)
         bench_caching.main([])
+    if "imports" not in args.skip:
+        print("\n## start-up and import time per command\n", flush=True)
+        bench_import_time.main([])
     print(f"\nall benchmarks: {time.perf_counter() - start:.0f} s")
 
 

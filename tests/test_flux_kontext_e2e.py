@@ -136,7 +136,7 @@ def test_generate_with_control_and_lora_then_decode_the_latent(run):
         "--infer_steps", "4", "--embedded_cfg_scale", "2.5", "--flow_shift", "3.0", "--seed", "7",
         "--output_type", "latent_images",
     ])
-    pngs, latents = sorted(save.glob("*_7.png")), sorted(save.glob("*_7_latent.safetensors"))
+    pngs, latents = sorted(save.glob("*_7_000.png")), sorted(save.glob("*_7_latent.safetensors"))
     assert len(pngs) == 1 and len(latents) == 1
     assert Image.open(pngs[0]).size == (64, 64)
     with safe_open(str(latents[0]), "pt") as f:

@@ -158,7 +158,7 @@ def test_write_outputs(tmp_path, output_type, expect):
 def test_write_outputs_single_image_and_default_name(tmp_path):
     paths = write_outputs("images", solid_frames(1, 8, 8), None, tmp_path, 9, 16)
     assert len(paths) == 1 and paths[0].parent == tmp_path
-    assert re.fullmatch(r"\d{8}-\d{6}-\d{3}_9\.png", paths[0].name)
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{3}_9_000\.png", paths[0].name)  # the reference's name for one image
 
 
 def test_write_outputs_errors(tmp_path):

@@ -174,6 +174,109 @@ def test_diffusers_loads_our_default_layout_file_with_the_same_output(task, tmp_
     assert torch.allclose(_forward(pipe.transformer, inputs), live, atol=1e-5, rtol=0)
 
 
+def _peft_deltas(dit):
+    """{diffusers module path: weight delta} of every LoRA layer diffusers/peft attached (active adapter)."""
+    out = {}
+    for path, module in dit.named_modules():
+        if hasattr(module, "get_delta_weight") and getattr(module, "lora_A", None):
+            out[path] = module.get_delta_weight(module.active_adapters[0]).detach()
+    return out
+
+
+@pytest.mark.parametrize(("task", "partial"), [("t2v-1.3B", False), ("i2v-14B", True)])
+def test_converted_diffusers_layout_loads_in_diffusers_with_our_weight_deltas(task, partial, tmp_path):
+    """`convert_lora.py --target diffusers --arch wan` writes what WanPipeline.load_lora_weights takes as it is
+    (also for partial LoRAs, which diffusers' own musubi converter refuses), and `--target default` reads it back."""
+    from diffusers import WanPipeline
+
+    from musubi_tuner import convert_lora
+    from musubi_tuner.networks.lora_files import save_lora_file
+
+    dit = make_tiny_dit(task)
+    network, path = _trainer_lora_file(tmp_path, task, dit)  # rank 4, alpha 2: scale 0.5, baked in on conversion
+    network.remove()
+    ours = {m._target.parts[0].module_path: m.weights().delta() for m in network.loras}
+    if partial:  # only the attention of block 1, as with --network_args exclude_patterns
+        sd, metadata = load_lora_file(path)
+        sd = {k: v for k, v in sd.items() if k.startswith("lora_unet_blocks_1_cross_attn_")}
+        save_lora_file(sd, path, metadata)
+        ours = {k: v for k, v in ours.items() if k.startswith("blocks.1.attn2.")}
+        assert len(ours) == 6  # q, k, v, o, k_img, v_img
+    converted, back = tmp_path / "diffusers.safetensors", tmp_path / "back.safetensors"
+    convert_lora.main(["--input", str(path), "--output", str(converted), "--target", "diffusers", "--arch", "wan"])
+    converted_sd, converted_meta = load_lora_file(converted)
+    assert set(converted_sd) == {f"transformer.{p}.lora_{m}.weight" for p in ours for m in "AB"}
+    assert converted_meta["ss_network_dim"] == "4"  # training metadata travels with the file
+
+    pipe = WanPipeline(transformer=make_tiny_dit(task), vae=None, text_encoder=None, tokenizer=None, scheduler=None)
+    pipe.load_lora_weights(str(converted))
+    theirs = _peft_deltas(pipe.transformer)
+    assert set(theirs) == set(ours)
+    for module_path, delta in ours.items():
+        assert delta.abs().max() > 0  # lora_up was randomised, so each comparison means something
+        # the scale 0.5 is split as sqrt(0.5) into both matrices: equal up to fp32 rounding
+        torch.testing.assert_close(theirs[module_path], delta, rtol=1e-6, atol=1e-7, msg=module_path)
+
+    convert_lora.main(["--input", str(converted), "--output", str(back), "--target", "default", "--arch", "wan"])
+    back_sd, _ = load_lora_file(back)
+    original_sd, _ = load_lora_file(path)
+    assert set(back_sd) == set(original_sd)  # the reference's key names, alpha = rank (scale 1) as it converts
+    for stem in {k.split(".")[0] for k in back_sd}:
+        assert float(back_sd[f"{stem}.alpha"]) == 4.0
+        got = back_sd[f"{stem}.lora_up.weight"] @ back_sd[f"{stem}.lora_down.weight"]
+        want = (original_sd[f"{stem}.lora_up.weight"] @ original_sd[f"{stem}.lora_down.weight"]) * 0.5
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=stem)
+
+
+def test_conversion_targets_sized_from_a_real_i2v_14b_lora_match_the_model():
+    """Without a model file, the LoRA's own shapes size the meta DiT: names and shapes are those of i2v-14B."""
+    fake = {"lora_unet_blocks_39_cross_attn_k_img.lora_down.weight": torch.zeros(2, 5120),
+            "lora_unet_blocks_0_ffn_2.lora_down.weight": torch.zeros(2, 13824)}
+    targets = WAN.lora_targets_for_conversion(fake)
+    real = WAN.lora_candidates(build_empty_wan_dit(get_wan_task("i2v-14B").diffusers_config()))
+    assert len(targets) == 480
+    assert _described(targets) == _described(real)
+
+
+def _described(targets):
+    return sorted((t.original_name, t.parts[0].module_path, t.out_features, t.in_features) for t in targets)
+
+
+@pytest.mark.parametrize("task", ("t2v-1.3B", "i2v-14B"))
+def test_conversion_targets_from_a_tiny_lora_are_the_models_candidates(task, tmp_path):
+    """The name table behind conversion (no diffusers model built) lists exactly the Linears the model has."""
+    dit = make_tiny_dit(task)
+    _, path = _trainer_lora_file(tmp_path, task, dit)
+    assert _described(WAN.lora_targets_for_conversion(load_lora_file(path)[0])) == _described(
+        WAN.lora_candidates(dit))
+
+
+def test_converting_a_wan_lora_to_diffusers_does_not_import_diffusers(tmp_path):
+    """Start-up: the layer map comes from the name table, so convert_lora pays no diffusers import (~15 s here)."""
+    import subprocess
+    import sys
+
+    from musubi_tuner.networks.lora_files import save_lora_file
+
+    sd = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.ones(2, 256),
+          "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.ones(256, 2)}
+    save_lora_file(sd, tmp_path / "in.safetensors", None)
+    code = ("import sys; from musubi_tuner.convert_lora import main; "
+            f"main(['--input', {str(tmp_path / 'in.safetensors')!r}, '--output', {str(tmp_path / 'out.safetensors')!r}, "
+            "'--target', 'diffusers', '--arch', 'wan']); print(sorted(m for m in ('diffusers', 'accelerate') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in load_lora_file(tmp_path / "out.safetensors")[0]
+
+
+def test_conversion_of_a_lora_without_wan_blocks_names_the_problem():
+    from musubi_tuner.errors import UserError
+
+    with pytest.raises(UserError, match="is it a Wan LoRA"):
+        WAN.lora_targets_for_conversion({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)})
+
+
 # ---- the reference's exact layout ---------------------------------------------------------------------------------
 def _reference_layout_file(tmp_path, dit, names, rank=4, alpha=2.0, seed=5):
     """Keys as the reference writes them: lora_unet_<name>.lora_down.weight / .lora_up.weight / .alpha (bf16)."""

@@ -39,20 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def targets_for_arch(arch_name: str, lora_sd: dict) -> list[LoraTarget]:
-    """The architecture's LoRA targets without loading a model (hook: `Architecture.lora_targets_for_conversion`).
-
-    Raises NotImplementedError until the architecture provides that method.
-    """
+    """The architecture's LoRA targets without loading a model (`Architecture.lora_targets_for_conversion`;
+    NotImplementedError for a family that does not provide it)."""
     from musubi_tuner.architectures import get_architecture
 
     try:
         arch = get_architecture(arch_name)
     except ValueError as exc:
         raise UserError(f"--arch: {exc}") from None
-    provider = getattr(arch, "lora_targets_for_conversion", None)
-    if provider is None:
-        raise NotImplementedError(f"{type(arch).__name__}.lora_targets_for_conversion is not implemented")
-    return provider(lora_sd)
+    return arch.lora_targets_for_conversion(lora_sd)
 
 
 def _name_index(args: argparse.Namespace, lora_sd: dict) -> NameIndex:

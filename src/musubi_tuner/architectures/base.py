@@ -41,6 +41,8 @@ class GenerationDefaults:
     """None: resolution-dependent shift (FLUX)."""
     negative_prompt: str = ""
     embedded_guidance: float | None = None
+    sample_solver: str = "unipc"
+    """The reference's sampler for this family (`--sample_solver` default and samples during training)."""
 
 
 class Architecture:
@@ -105,6 +107,11 @@ class Architecture:
         """Every Linear the reference's LoRA may target, named by its ORIGINAL module path."""
         raise self._missing("lora_candidates")
 
+    def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
+        """`lora_candidates` of a model sized from a LoRA file's own keys, without any model file
+        (convert_lora.py: exact names, and the diffusers layout)."""
+        raise self._missing("lora_targets_for_conversion")
+
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Diffusers state dict -> original/ComfyUI key layout (for --save_merged_model)."""
         raise self._missing("dit_state_dict_to_original")
@@ -119,6 +126,11 @@ class Architecture:
 
     # ---- generation ----------------------------------------------------------------------------
     generation_defaults: ClassVar[GenerationDefaults]
+
+    def generation_defaults_for(self, args: argparse.Namespace | None, width: int | None = None,
+                                height: int | None = None) -> GenerationDefaults:
+        """Defaults for these flags (e.g. Wan's `--task`) and this output size; None args: the family's defaults."""
+        return self.generation_defaults
 
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         """Shape (without batch) of the noise for one sample."""

@@ -51,19 +51,25 @@ class RenderSettings:
     progress: bool = True
 
 
-def resolve_spec(arch: Architecture, spec: PromptSpec) -> PromptSpec:
-    """Fill every None in `spec` from the architecture's generation defaults."""
-    d = arch.generation_defaults
+def resolve_spec(arch: Architecture, spec: PromptSpec, args: argparse.Namespace | None = None) -> PromptSpec:
+    """Fill every None in `spec` from the architecture's generation defaults for these flags (e.g. Wan's --task)."""
+    width, height = spec.width or arch.generation_defaults.width, spec.height or arch.generation_defaults.height
+    d = arch.generation_defaults_for(args, width, height)
     seed = spec.seed if spec.seed is not None else random.randint(0, 2**31 - 1)
     return replace(
         spec,
-        width=spec.width or d.width, height=spec.height or d.height, frames=spec.frames or d.frames,
+        width=width, height=height, frames=spec.frames or d.frames,
         seed=seed, steps=spec.steps or d.infer_steps,
         guidance_scale=d.guidance_scale if spec.guidance_scale is None else spec.guidance_scale,
         embedded_guidance=d.embedded_guidance if spec.embedded_guidance is None else spec.embedded_guidance,
         flow_shift=spec.flow_shift if spec.flow_shift is not None else d.flow_shift,
         negative_prompt=d.negative_prompt if spec.negative_prompt is None else spec.negative_prompt,
     )
+
+
+def sample_solver_for(arch: Architecture, args: argparse.Namespace | None) -> str:
+    """`--sample_solver` when given, else the family's reference sampler (UniPC for Wan, Euler for FLUX)."""
+    return getattr(args, "sample_solver", None) or arch.generation_defaults_for(args).sample_solver
 
 
 def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec: PromptSpec, cond: dict[str, Any],

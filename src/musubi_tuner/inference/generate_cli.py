@@ -18,6 +18,7 @@ from musubi_tuner.inference.generate import (
     generation_metadata,
     render,
     resolve_spec,
+    sample_solver_for,
 )
 from musubi_tuner.inference.prompts import PromptSpec
 
@@ -46,7 +47,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                              "output on every device (as ComfyUI)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--flow_shift", type=float, default=None, help="flow-matching shift")
-    parser.add_argument("--sample_solver", default="unipc", choices=["unipc", "dpm++", "vanilla"])
+    parser.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "vanilla"],
+                        help="sampler (default: the model's, as the reference: unipc for Wan, vanilla (Euler) for FLUX)")
     parser.add_argument("--fp8", action="store_true", help="store the DiT's block Linear weights in float8_e4m3fn")
     parser.add_argument("--fp8_scaled", action="store_true")
     parser.add_argument("--fp8_fast", action="store_true")
@@ -70,7 +72,7 @@ class GenerationSession:
 
         self.arch, self.args = arch, args
         self.device = resolve_device(args.device)
-        self.settings = RenderSettings(solver=args.sample_solver, device=self.device)
+        self.settings = RenderSettings(solver=sample_solver_for(arch, args), device=self.device)
         self._text_encoders = None
         self.latent_encoders = arch.load_latent_encoders(args, self.device)
         self.dit = None
@@ -196,9 +198,9 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
     if args.interactive:
         session.load_dit()
         for spec in requests(arch, args):
-            session.generate(resolve_spec(arch, spec))
+            session.generate(resolve_spec(arch, spec, args))
         return
-    specs = [resolve_spec(arch, spec) for spec in requests(arch, args)]
+    specs = [resolve_spec(arch, spec, args) for spec in requests(arch, args)]
     conditions = session.encode_all(specs)
     session.load_dit()
     for spec, condition in zip(specs, conditions):

@@ -2,7 +2,7 @@
 
 File names follow the reference: `{timestamp}_{seed}.mp4`, `{timestamp}_{seed}_latent.safetensors`,
 PNG frames `{timestamp}_{seed}/{timestamp}_{seed}_{i:03d}.png` (a single image: `{timestamp}_{seed}_000.png`
-directly in the save folder).
+directly in the save folder), the timestamp as `%Y%m%d-%H%M%S-` plus milliseconds.
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ def save_video_mp4(frames: Any, path: str | os.PathLike, fps: float, bit_rate: i
 
 
 def save_images(frames: Any, prefix: str | os.PathLike) -> list[Path]:
-    """Write each frame as `{prefix}_{i:03d}.png` (a single image as `{prefix}.png`); the folder is created."""
+    """Write each frame as `{prefix}_{i:03d}.png` (a single image too, as the reference); the folder is created."""
     from PIL import Image
 
     frames = _as_uint8_frames(frames)
     prefix = Path(prefix)
     paths = []
     for i, array in enumerate(frames):
-        path = prefix.with_name(f"{prefix.name}.png" if len(frames) == 1 else f"{prefix.name}_{i:03d}.png")
+        path = prefix.with_name(f"{prefix.name}_{i:03d}.png")
         with atomic_path(path) as tmp:
             Image.fromarray(array).save(tmp, format="PNG")
         paths.append(path)

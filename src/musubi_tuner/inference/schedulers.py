@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from musubi_tuner.errors import UserError
 
@@ -110,7 +109,10 @@ def make_flow_scheduler(
             raise UserError(f"--flow_shift must be > 0 (got {flow_shift})")
         shift = float(flow_shift)
 
+    # diffusers is imported here, not at module level: `--help` and argument errors should not pay for it
     if solver == "unipc":
+        from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+
         inner = UniPCMultistepScheduler(
             num_train_timesteps=num_train_timesteps,
             prediction_type="flow_prediction",
@@ -119,6 +121,8 @@ def make_flow_scheduler(
             solver_order=2,
         )
     elif solver == "dpm++":
+        from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+
         inner = DPMSolverMultistepScheduler(
             num_train_timesteps=num_train_timesteps,
             prediction_type="flow_prediction",
@@ -128,5 +132,7 @@ def make_flow_scheduler(
             solver_order=2,
         )
     else:
+        from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+
         inner = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
     return FlowScheduler(solver=solver, shift=shift, inner=inner, num_train_timesteps=num_train_timesteps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -21,19 +22,28 @@ from musubi_tuner.inference.generate import (
     generation_metadata,
     render,
     resolve_spec,
+    sample_solver_for,
 )
 from musubi_tuner.inference.prompts import PromptSpec, load_prompt_file
 
 logger = logging.getLogger(__name__)
 
-# Reference defaults for sample prompts (smaller than the generate scripts' defaults).
-SAMPLE_DEFAULTS = PromptSpec(width=256, height=256, frames=1, steps=20)
+# Reference defaults for sample prompts (smaller than the generate scripts' defaults): 256x256, 1 frame, 20 steps
+# and flow shift 14.5 unless the line gives --fs (`--fs 0`: FLUX's resolution-dependent shift).
+SAMPLE_DEFAULTS = PromptSpec(width=256, height=256, frames=1, steps=20, flow_shift=14.5)
+
+
+def resolve_sample_spec(arch: Architecture, spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
+    """As the reference: classifier-free guidance only when the line gives a negative prompt (--n)."""
+    if spec.negative_prompt is None:
+        spec = replace(spec, negative_prompt="", guidance_scale=1.0)
+    return resolve_spec(arch, spec, args)
 
 
 class TrainingSampler:
     def __init__(self, arch: Architecture, args: argparse.Namespace, device: torch.device):
         self.arch, self.args, self.device = arch, args, device
-        self.specs = [resolve_spec(arch, s) for s in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
+        self.specs = [resolve_sample_spec(arch, s, args) for s in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
         for spec in self.specs:
             if spec.seed is None:
                 spec.seed = args.seed
@@ -42,7 +52,7 @@ class TrainingSampler:
         del text_encoders
         free_memory()
         self.latent_encoders = arch.load_latent_encoders(args, device)
-        self.settings = RenderSettings(device=device, progress=False)
+        self.settings = RenderSettings(solver=sample_solver_for(arch, args), device=device, progress=False)
         self.folder = Path(args.output_dir) / "sample"
         logger.info("%d sample prompts ready", len(self.specs))
 

@@ -73,6 +73,8 @@ def build_training_metadata(
         ss_training_started_at=training_started_at,
         ss_base_model_version=arch.name,
         ss_fp8_base=bool(_get(args, "fp8_base", False)),
+        ss_full_fp16=bool(_get(args, "full_fp16", False)),  # full-precision switches of full fine-tuning; LoRA: False
+        ss_full_bf16=bool(_get(args, "full_bf16", False)),
         ss_training_finished_at=timestamp,
         ss_steps=steps,
         ss_epoch=epoch,
@@ -81,7 +83,7 @@ def build_training_metadata(
         meta["ss_network_args"] = json.dumps(network_args_dict(_get(args, "network_args")))
     for flag, key in (("dit", "ss_sd_model_name"), ("vae", "ss_vae_name")):
         if _get(args, flag):
-            meta[key] = str(_get(args, flag)).replace("\\", "/").rsplit("/", 1)[-1]
+            meta[key] = _base_name(_get(args, flag))
     meta.update(extra or {})
     metadata = {k: str(v) for k, v in meta.items()}
     if _get(args, "no_metadata", False):
@@ -108,6 +110,47 @@ def build_training_metadata(
         )
     )
     return metadata
+
+
+def dataset_metadata(spec: Any) -> dict[str, Any]:
+    """One `[[datasets]]` entry as the reference records it in `ss_datasets` (folders by base name only)."""
+    meta: dict[str, Any] = {
+        "resolution": list(spec.resolution),
+        "caption_extension": spec.caption_extension,
+        "batch_size_per_device": spec.batch_size,
+        "num_repeats": spec.num_repeats,
+        "enable_bucket": bool(spec.enable_bucket),
+        "bucket_no_upscale": bool(spec.bucket_no_upscale),
+    }
+    sources = ("image_directory", "image_jsonl_file") if spec.kind == "image" else ("video_directory", "video_jsonl_file")
+    for key in (*sources, "control_directory"):
+        if getattr(spec, key, None) is not None:
+            meta[key] = _base_name(getattr(spec, key))
+    if spec.kind == "video":
+        meta.update(frame_extraction=spec.frame_extraction, frame_stride=spec.frame_stride,
+                    frame_sample=spec.frame_sample, target_frames=list(spec.target_frames), max_frames=spec.max_frames,
+                    source_fps=spec.source_fps)
+    meta["has_control"] = spec.control_directory is not None
+    return meta
+
+
+def run_metadata(specs: list[Any], *, num_train_items: int, batches_per_epoch: int, num_epochs: int,
+                 optimizer: str) -> dict[str, str]:
+    """The `ss_*` keys that describe the data and optimizer of a run (`extra` of `build_training_metadata`).
+
+    optimizer: `module.Class(k=v,...)` (`OptimizerInfo.metadata_value`); num_train_items counts repeats.
+    """
+    return {
+        "ss_datasets": json.dumps([dataset_metadata(spec) for spec in specs]),
+        "ss_num_train_items": str(num_train_items),
+        "ss_num_batches_per_epoch": str(batches_per_epoch),
+        "ss_num_epochs": str(num_epochs),
+        "ss_optimizer": optimizer,
+    }
+
+
+def _base_name(path: Any) -> str:
+    return str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def build_modelspec(

@@ -9,7 +9,28 @@ we use `lr/group{i}` whenever there is more than one group.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Sequence
+
+TRACKER_NAME = "network_train"
+"""Default `--log_tracker_name`: TensorBoard writes under `<run folder>/network_train`."""
+
+
+def tracker_plan(logging_dir: str | None, log_with: str | None, log_prefix: str | None,
+                 now: float | None = None) -> tuple[list[str] | None, str | None]:
+    """(trackers, run folder) for accelerate, as the reference decides them.
+
+    `--logging_dir` alone logs to TensorBoard. Each run gets its own folder `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`
+    (the tracker then adds `network_train/` inside). `--log_with all` is TensorBoard and W&B.
+    """
+    run_dir = None
+    if logging_dir:
+        stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(now))
+        run_dir = os.path.join(logging_dir, (log_prefix or "") + stamp)
+    if log_with is None:
+        return (["tensorboard"] if run_dir else None), run_dir
+    return (["tensorboard", "wandb"] if log_with == "all" else [log_with]), run_dir
 
 
 def _lr_names(count: int, descriptions: Sequence[str] | None) -> list[str]:

@@ -46,7 +46,8 @@ def build_network(arch: Architecture, dit: torch.nn.Module, args: argparse.Names
 
 
 def save_network(network, arch: Architecture, args: argparse.Namespace, path: Path, progress,
-                 session_id: int | None = None, started_at: float | None = None) -> None:
+                 session_id: int | None = None, started_at: float | None = None,
+                 extra: dict[str, str] | None = None) -> None:
     from musubi_tuner.networks.lora_files import build_training_metadata, save_lora_file
 
     if args.save_precision not in SAVE_DTYPES:
@@ -54,5 +55,6 @@ def save_network(network, arch: Architecture, args: argparse.Namespace, path: Pa
     metadata = None
     if not args.no_metadata:
         metadata = build_training_metadata(args, arch, steps=progress.global_step, epoch=progress.epoch,
-                                           session_id=session_id, training_started_at=started_at, timestamp=time.time())
+                                           session_id=session_id, training_started_at=started_at, timestamp=time.time(),
+                                           extra=extra)
     save_lora_file(network.state_dict_reference(), path, metadata, dtype=SAVE_DTYPES[args.save_precision])

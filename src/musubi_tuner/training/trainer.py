@@ -47,6 +47,7 @@ class NetworkTrainer:
         self.progress = TrainProgress()
         self.samples = None
         self.max_norm_stats: tuple[int, float, float] | None = None
+        self.log_with: list[str] | None = None
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)  # ss_session_id, as the reference
         self.started_at = time.time()
         self.resume_state: LoadedState | None = None
@@ -81,7 +82,10 @@ class NetworkTrainer:
         args = self.args
         if args.seed is None:
             args.seed = random.randint(0, 2**31 - 1)
-        log_with = None if args.log_with is None else (["tensorboard", "wandb"] if args.log_with == "all" else [args.log_with])
+        from musubi_tuner.training.logging_utils import tracker_plan
+
+        log_with, run_dir = tracker_plan(args.logging_dir, args.log_with, args.log_prefix)
+        self.log_with = log_with
         if log_with and not args.logging_dir:
             raise UserError("--log_with needs --logging_dir (the folder for TensorBoard/W&B logs)")
         if log_with and "wandb" in log_with:
@@ -89,7 +93,7 @@ class NetworkTrainer:
                 import wandb  # noqa: F401
             except ImportError:
                 raise UserError("--log_with wandb needs the wandb package: pip install wandb (or pip install musubi-tuner[wandb])") from None
-        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
+        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=run_dir)
         handlers = []
         if args.ddp_timeout:
             from datetime import timedelta
@@ -123,7 +127,7 @@ class NetworkTrainer:
 
         if not self.args.dataset_config:
             raise UserError("--dataset_config is required (the dataset TOML used for caching)")
-        specs = load_dataset_config(self.args.dataset_config, self.arch.traits)
+        specs = self.dataset_specs = load_dataset_config(self.args.dataset_config, self.arch.traits)
         self.batches = CachedBatches(specs, self.arch.traits, seed=self.args.seed,
                                      text_cache_command=f"{self.arch.script_prefix}_cache_text_encoder_outputs.py")
         if len(self.batches) == 0:
@@ -250,7 +254,7 @@ class NetworkTrainer:
 
     def _start_logging(self) -> None:
         args = self.args
-        if not args.log_with:
+        if not self.log_with:
             return
         config = {k: v for k, v in vars(args).items()
                   if isinstance(v, (int, float, str, bool)) and "key" not in k and "token" not in k} if args.log_config else {}
@@ -266,10 +270,10 @@ class NetworkTrainer:
                 wandb.login(key=args.wandb_api_key)
             if args.wandb_run_name:
                 init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
-        name = args.log_tracker_name or "network_train"
-        if args.log_prefix:
-            name = args.log_prefix + name
-        self.accelerator.init_trackers(name, config=config, init_kwargs=init_kwargs)
+        from musubi_tuner.training.logging_utils import TRACKER_NAME
+
+        # --log_prefix names the run folder (see tracker_plan), not the tracker, as in the reference
+        self.accelerator.init_trackers(args.log_tracker_name or TRACKER_NAME, config=config, init_kwargs=init_kwargs)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _run_epochs(self) -> None:
@@ -403,7 +407,7 @@ class NetworkTrainer:
         self.loss_average.add(loss)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{self.loss_average.value:.4f}")
-        if self.args.log_with:
+        if self.log_with:
             from musubi_tuner.training.logging_utils import step_logs
 
             scaled, mean_norm, max_norm = self.max_norm_stats or (None, None, None)
@@ -428,6 +432,15 @@ class NetworkTrainer:
             self._sample(epoch=epoch)
 
     # ---- saving --------------------------------------------------------------------------------
+    def _run_metadata(self) -> dict[str, str]:
+        from musubi_tuner.networks.lora_metadata import run_metadata
+
+        items = sum(len(b.entries) * b.num_repeats for b in self.batches.buckets)
+        batches = math.ceil(len(self.batches) / self.accelerator.num_processes)  # one process's share, as the loader's
+        return run_metadata(self.dataset_specs, num_train_items=items, batches_per_epoch=batches,
+                            num_epochs=math.ceil(self.total_steps / self.steps_per_epoch),
+                            optimizer=self.optimizer_info.metadata_value)
+
     def _save(self, lora_file: str, *, kind: str, number: int | None) -> bool:
         """Write the LoRA (and the state when asked) into --output_dir. False when a write failed (disk full,
         permissions): that is logged and training goes on, the next save point tries again."""
@@ -451,7 +464,8 @@ class NetworkTrainer:
         target = out / lora_file
         optimizer_eval_mode(self.optimizer)  # schedule-free optimizers: save the averaged weights
         try:
-            save_network(self.network, self.arch, self.args, target, self.progress, self.session_id, self.started_at)
+            save_network(self.network, self.arch, self.args, target, self.progress, self.session_id, self.started_at,
+                         extra=self._run_metadata())
             self._last_saved = str(target)
             logger.info("saved %s", target)
             if rng_states is not None:

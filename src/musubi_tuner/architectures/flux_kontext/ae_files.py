@@ -120,7 +120,7 @@ def flux_ae_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def build_flux_ae(config: dict, sd: dict[str, torch.Tensor]):
     """`AutoencoderKL` from a config and a diffusers state dict, without a random init."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     with torch.device("meta"):
         ae = AutoencoderKL.from_config(config)

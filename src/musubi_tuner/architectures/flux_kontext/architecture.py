@@ -58,7 +58,7 @@ class FluxKontextArchitecture(Architecture):
     fp8_targets: ClassVar[tuple[str, ...]] = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
     generation_defaults = GenerationDefaults(
         width=1024, height=1024, frames=1, fps=1.0, infer_steps=25, guidance_scale=1.0, flow_shift=None,
-        negative_prompt="", embedded_guidance=2.5,
+        negative_prompt="", embedded_guidance=2.5, sample_solver="vanilla",  # the reference samples FLUX with Euler
     )
 
     # ---- flags -------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class FluxKontextArchitecture(Architecture):
             parser.add_argument("--embedded_cfg_scale", type=float, default=None,
                                 help="embedded (distilled) guidance scale (default 2.5)")
             # The reference writes images and samples with FLUX's Euler schedule.
-            parser.set_defaults(output_type="images", sample_solver="vanilla")
+            parser.set_defaults(output_type="images")
 
     def validate_arguments(self, args: argparse.Namespace, purpose: str) -> None:
         if purpose != "generate":
@@ -184,7 +184,7 @@ class FluxKontextArchitecture(Architecture):
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
         """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
-        from diffusers import FluxTransformer2DModel
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
         from musubi_tuner.architectures.flux_kontext.dit_files import default_axes_dims_rope
 

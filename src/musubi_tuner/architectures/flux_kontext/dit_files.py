@@ -304,7 +304,7 @@ def flux_state_dict_to_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict, dic
 
 def build_flux_dit(config: dict, sd: dict[str, torch.Tensor]) -> nn.Module:
     """`FluxTransformer2DModel` from a config and a diffusers state dict, without a random init."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)

@@ -117,14 +117,14 @@ def _seeded(seed: int, build):
 
 def tiny_flux_dit(seed: int = 0):
     """A seeded tiny `FluxTransformer2DModel` (2 double + 2 single blocks, 2 heads of 16)."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
     return _seeded(seed, lambda: FluxTransformer2DModel.from_config(TINY_DIT_CONFIG))
 
 
 def tiny_flux_ae(seed: int = 0):
     """A seeded tiny FLUX `AutoencoderKL` (16 latent channels, 8x downsampling)."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     return _seeded(seed, lambda: AutoencoderKL.from_config(TINY_AE_CONFIG))
 

@@ -17,6 +17,8 @@ from musubi_tuner.architectures.common import (  # noqa: F401 (re-exported for o
     pixels_to_model_range,
     str_to_dtype,
 )
+from musubi_tuner.architectures.wan.task_defaults import BASE as WAN_GENERATION_DEFAULTS
+from musubi_tuner.architectures.wan.task_defaults import task_generation_defaults
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
@@ -29,14 +31,6 @@ TEXT_LENGTH = 512
 
 TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
 I2V_TASKS = ("i2v-14B", "flf2v-14B")
-
-# The reference's default Chinese negative prompt (Wan's own default), kept so outputs match users' habits.
-DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
-    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
-    "三条腿，背景人很多，倒着走"
-)
-
 
 @dataclass
 class WanLatentEncoders:
@@ -69,10 +63,11 @@ class WanArchitecture(Architecture):
     # Reference default excludes (regex fullmatch on the original module path).
     lora_default_excludes = (r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*",)
     fp8_targets: ClassVar[tuple[str, ...]] = ("blocks.",)
-    generation_defaults = GenerationDefaults(
-        width=832, height=480, frames=81, fps=16.0, infer_steps=50, guidance_scale=5.0, flow_shift=5.0,
-        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
-    )
+    generation_defaults = WAN_GENERATION_DEFAULTS
+
+    def generation_defaults_for(self, args: argparse.Namespace | None, width: int | None = None,
+                                height: int | None = None) -> GenerationDefaults:
+        return task_generation_defaults(getattr(args, "task", None), width, height)
 
     # ---- flags -------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser, purpose: str) -> None:
@@ -230,6 +225,13 @@ class WanArchitecture(Architecture):
             if isinstance(module, nn.Linear) and path.startswith("blocks."):
                 targets.append(LoraTarget(original_module_name(path), (LoraPart(path, module),)))
         return targets
+
+    def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
+        """LoRA targets sized from the LoRA's own keys (no model file needed)."""
+        from musubi_tuner.architectures.wan.lora_layout import wan_config_from_lora, wan_lora_targets_from_config
+
+        # meta Linears from the name table, not a diffusers model: convert_lora/merge_lora need not import diffusers
+        return wan_lora_targets_from_config(wan_config_from_lora(lora_sd))
 
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from musubi_tuner.architectures.wan.dit_files import wan_dit_to_original

@@ -313,7 +313,7 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtyp
 def build_empty_wan_dit(config: dict[str, Any]):
     """`WanTransformer3DModel` with parameters on the meta device (buffers such as RoPE tables are real)."""
     from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
     with init_empty_weights():
         return WanTransformer3DModel.from_config(config)

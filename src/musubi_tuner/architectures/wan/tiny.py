@@ -50,7 +50,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 def make_tiny_dit(task: str = "t2v-1.3B", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A seeded tiny `WanTransformer3DModel` for `task` (eval mode)."""
-    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel.from_config(tiny_dit_config(task))
@@ -64,7 +64,7 @@ def make_tiny_dit(task: str = "t2v-1.3B", seed: int = 0, dtype: torch.dtype = to
 
 def make_tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A seeded tiny `AutoencoderKLWan` (eval mode)."""
-    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
     torch.manual_seed(seed)
     vae = AutoencoderKLWan.from_config(tiny_vae_config())

@@ -120,7 +120,7 @@ def load_wan_vae(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, flag: str = "--vae"):
     """Load the Wan2.1 VAE from an original (`.pth`/`.safetensors`) or diffusers-layout file; eval, no grads."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
     path = Path(path)
     state = strip_prefix(load_state_dict(path, device=device, flag=flag), ("vae.", "first_stage_model."))
