@@ -98,3 +98,21 @@ def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
     """
     spatial = (7 * head_dim // 16) // 2 * 2
     return (head_dim - 2 * spatial, spatial, spatial)
+
+
+_DOUBLE_RE = re.compile(r"(?<!single_)(?:double_blocks|transformer_blocks)[._](\d+)[._]")
+_SINGLE_RE = re.compile(r"(?:single_blocks|single_transformer_blocks)[._](\d+)[._]")
+
+
+def block_layout_from_lora(lora_sd: Mapping[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(double blocks, single blocks, hidden size) a LoRA file implies, in any of its layouts (FLUX, HunyuanVideo).
+
+    Hidden size = the narrowest input of any down matrix (every block has hidden-wide inputs; only the
+    MLP outputs are wider). Files without block layers give the released width, 3072.
+    """
+    doubles = [int(m.group(1)) for k in lora_sd if (m := _DOUBLE_RE.search(k))]
+    singles = [int(m.group(1)) for k in lora_sd if (m := _SINGLE_RE.search(k))]
+    downs = [v.shape[1] for k, v in lora_sd.items()
+             if v.dim() == 2 and (".lora_down." in k or ".lora_A." in k)]
+    hidden = min(downs) if downs else 3072
+    return (max(doubles) + 1 if doubles else 0), (max(singles) + 1 if singles else 0), int(hidden)
