@@ -17,6 +17,8 @@ from musubi_tuner.architectures.hunyuan_video.dit_files import (
 from musubi_tuner.architectures.hunyuan_video.tiny import TINY_DIT_CONFIG, tiny_hv_config, tiny_hv_dit, write_tiny_hv_dit
 from musubi_tuner.errors import CheckpointError
 
+from fused_lora_helpers import row_coded
+
 RELEASED = {"num_layers": 20, "num_single_layers": 40, "num_refiner_layers": 2, "guidance_embeds": True}
 
 
@@ -48,20 +50,10 @@ def test_released_config_is_inferred_from_the_weights():
     assert infer_hv_config(skyreels)["in_channels"] == 32 and infer_hv_config(skyreels)["out_channels"] == 16
 
 
-def _row_coded(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Tensor i = i * 1e5 + row index, broadcast over the other dims (tiny memory at full width).
-
-    Both converters only move whole rows, so equal row codes mean equal tensors."""
-    out = {}
-    for i, (key, shape) in enumerate(sorted(shapes.items())):
-        rows = torch.arange(shape[0], dtype=torch.float64) + i * 100_000
-        out[key] = rows.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
-    return out
-
 
 def test_width_3072_values_match_diffusers_converter_and_round_trip():
     meta = hv_diffusers_to_original(_meta_sd(num_layers=1, num_single_layers=1, num_refiner_layers=1))
-    original = _row_coded({k: v.shape for k, v in meta.items()})
+    original = row_coded({k: v.shape for k, v in meta.items()})
     theirs = convert_hunyuan_video_transformer_to_diffusers(dict(original))
     ours = hv_original_to_diffusers(original)
     assert set(ours) == set(theirs)

@@ -116,3 +116,10 @@ def block_layout_from_lora(lora_sd: Mapping[str, torch.Tensor]) -> tuple[int, in
              if v.dim() == 2 and (".lora_down." in k or ".lora_A." in k)]
     hidden = min(downs) if downs else 3072
     return (max(doubles) + 1 if doubles else 0), (max(singles) + 1 if singles else 0), int(hidden)
+
+
+def heads_for_width(hidden: int) -> tuple[int, int]:
+    """(head size, head count) assumed for a width read from a LoRA alone: 128-wide heads as released, else the
+    widest of 64/32/16 that divides it. Only shapes matter for LoRA conversion, so the split need not be exact."""
+    head_dim = next(d for d in (128, 64, 32, 16, hidden) if hidden % d == 0)
+    return head_dim, hidden // head_dim

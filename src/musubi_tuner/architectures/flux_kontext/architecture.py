@@ -26,7 +26,7 @@ from musubi_tuner.architectures.common import (
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
-from musubi_tuner.networks.targets import LoraPart, LoraTarget
+from musubi_tuner.networks.targets import LoraTarget, targets_from_layout
 
 logger = logging.getLogger(__name__)
 
@@ -178,19 +178,18 @@ class FluxKontextArchitecture(Architecture):
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.flux_kontext.dit_files import original_linear_parts
 
-        return [LoraTarget(original, tuple(LoraPart(p, dit.get_submodule(p)) for p in parts))
-                for original, parts in original_linear_parts(dit)]
+        return targets_from_layout(dit, original_linear_parts(dit))
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
         """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
         from diffusers import FluxTransformer2DModel
 
-        from musubi_tuner.architectures.key_plan import block_layout_from_lora, default_axes_dims_rope
+        from musubi_tuner.architectures.key_plan import block_layout_from_lora, default_axes_dims_rope, heads_for_width
 
         num_double, num_single, hidden = block_layout_from_lora(lora_sd)
-        head_dim = next(d for d in (128, 64, 32, 16, hidden) if hidden % d == 0)
+        head_dim, heads = heads_for_width(hidden)
         config = {"in_channels": 64, "num_layers": num_double, "num_single_layers": num_single,
-                  "attention_head_dim": head_dim, "num_attention_heads": hidden // head_dim,
+                  "attention_head_dim": head_dim, "num_attention_heads": heads,
                   "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
                   "axes_dims_rope": default_axes_dims_rope(head_dim)}
         with torch.device("meta"):

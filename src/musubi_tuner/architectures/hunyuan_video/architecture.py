@@ -21,7 +21,7 @@ from musubi_tuner.architectures.common import model_range_to_pixels, pixels_to_m
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
-from musubi_tuner.networks.targets import LoraPart, LoraTarget
+from musubi_tuner.networks.targets import LoraTarget, targets_from_layout
 
 logger = logging.getLogger(__name__)
 
@@ -117,18 +117,17 @@ class HunyuanVideoArchitecture(Architecture):
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.hunyuan_video.dit_files import original_linear_parts
 
-        return [LoraTarget(original, tuple(LoraPart(p, dit.get_submodule(p)) for p in parts))
-                for original, parts in original_linear_parts(dit)]
+        return targets_from_layout(dit, original_linear_parts(dit))
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
         """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
         from musubi_tuner.architectures.hunyuan_video.dit_files import build_empty_hv_dit
-        from musubi_tuner.architectures.key_plan import block_layout_from_lora, default_axes_dims_rope
+        from musubi_tuner.architectures.key_plan import block_layout_from_lora, default_axes_dims_rope, heads_for_width
 
         num_double, num_single, hidden = block_layout_from_lora(lora_sd)
-        head_dim = next(d for d in (128, 64, 32, 16, hidden) if hidden % d == 0)
+        head_dim, heads = heads_for_width(hidden)
         config = {"num_layers": num_double, "num_single_layers": num_single, "num_refiner_layers": 0,
-                  "attention_head_dim": head_dim, "num_attention_heads": hidden // head_dim,
+                  "attention_head_dim": head_dim, "num_attention_heads": heads,
                   "rope_axes_dim": default_axes_dims_rope(head_dim)}
         return self.lora_candidates(build_empty_hv_dit(config))
 
