@@ -21,6 +21,8 @@ from musubi_tuner.architectures.flux_kontext.packing import pack_latents, prepar
 from musubi_tuner.architectures.flux_kontext.tiny import TINY_DIT_CONFIG, tiny_flux_dit
 from musubi_tuner.errors import CheckpointError
 
+from fused_lora_helpers import row_coded
+
 REAL_KONTEXT = {"num_layers": 19, "num_single_layers": 38, "guidance_embeds": True, "in_channels": 64}
 
 
@@ -56,22 +58,11 @@ def test_infer_config_real_kontext_dev():
     }
 
 
-def _row_coded(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Tensor i = i * 1e5 + row index, broadcast over columns (tiny memory at full width).
-
-    Both converters only move whole rows, so equal row codes mean equal tensors.
-    """
-    out = {}
-    for i, (key, shape) in enumerate(sorted(shapes.items())):
-        rows = torch.arange(shape[0], dtype=torch.float64) + i * 100_000
-        out[key] = rows.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
-    return out
-
 
 def test_real_width_values_match_diffusers_converter():
     # Width 3072 (the converter's hard-coded size), one block of each kind.
     meta_bfl = diffusers_to_bfl(_meta_model(num_layers=1, num_single_layers=1, guidance_embeds=True).state_dict())
-    bfl = _row_coded({k: v.shape for k, v in meta_bfl.items()})
+    bfl = row_coded({k: v.shape for k, v in meta_bfl.items()})
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
     ours = bfl_to_diffusers(bfl)
     assert set(ours) == set(theirs)

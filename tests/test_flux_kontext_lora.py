@@ -11,8 +11,9 @@ from musubi_tuner.architectures.flux_kontext.dit_files import diffusers_to_bfl
 from musubi_tuner.architectures.flux_kontext.tiny import tiny_flux_dit
 from musubi_tuner.networks.lora import create_network, create_network_from_weights
 from musubi_tuner.networks.lora_files import load_lora_file, save_lora_file
-from musubi_tuner.networks.lora_formats import NameIndex, parse_lora_state_dict
 from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
+
+from fused_lora_helpers import deltas, probes, reference_lora
 
 ARCH = get_architecture("flux_kontext")
 RANK = 4
@@ -21,35 +22,6 @@ RANK = 4
 @pytest.fixture(scope="module")
 def dit():
     return tiny_flux_dit(seed=0)
-
-
-def reference_lora(targets, rank: int = RANK, alpha: float | None = 2.0, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A LoRA in the reference tool's layout: one module per (fused) BFL layer."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for t in targets:
-        sd[f"{t.lora_name}.lora_down.weight"] = torch.randn(rank, t.in_features, generator=gen)
-        sd[f"{t.lora_name}.lora_up.weight"] = torch.randn(t.out_features, rank, generator=gen)
-        sd[f"{t.lora_name}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
-    return sd
-
-
-def deltas(sd: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
-    canonical, unmatched = parse_lora_state_dict(sd, NameIndex(targets=targets))
-    assert not unmatched
-    return {name: w.delta() for name, w in canonical.items()}
-
-
-def probes(sd: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
-    """delta @ v for a fixed random v per layer: compares real-width LoRAs without building the deltas."""
-    canonical, unmatched = parse_lora_state_dict(sd, NameIndex(targets=targets))
-    assert not unmatched
-    gen = torch.Generator().manual_seed(0)
-    out = {}
-    for name, w in sorted(canonical.items()):
-        v = torch.randn(w.down.shape[1], generator=gen)
-        out[name] = w.up.float() @ (w.down.float() @ v) * w.scale
-    return out
 
 
 def test_every_lora_name_is_a_bfl_layer_with_the_same_shape(dit):

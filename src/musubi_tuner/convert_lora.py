@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--diffusers_adapter_name", default=None, help="adapter name in the keys, like `default`")
     parser.add_argument(
-        "--arch", default=None, help="architecture (wan, flux_kontext): exact names; needed for diffusers"
+        "--arch", default=None, help="architecture (wan, flux_kontext, hunyuan_video): exact names; needed for diffusers"
     )
     parser.add_argument(
         "--dit", default=None, help="optional original-layout DiT: its keys give the exact module names"
@@ -66,7 +66,7 @@ def _name_index(args: argparse.Namespace, lora_sd: dict) -> NameIndex:
                 raise UserError(f"--target diffusers is not available for --arch {args.arch} yet") from None
             logger.warning("--arch %s has no layer map for conversion; using the names as found", args.arch)
     elif args.target == "diffusers":
-        raise UserError("--target diffusers needs --arch (wan, flux_kontext) to map original names to diffusers names")
+        raise UserError("--target diffusers needs --arch (wan, flux_kontext, hunyuan_video) to map original names to diffusers names")
     return NameIndex(names, targets)
 
 

@@ -9,6 +9,7 @@ from musubi_tuner.architectures.base import Architecture
 _REGISTRY: dict[str, str] = {
     "wan": "musubi_tuner.architectures.wan:WanArchitecture",
     "flux_kontext": "musubi_tuner.architectures.flux_kontext:FluxKontextArchitecture",
+    "hunyuan_video": "musubi_tuner.architectures.hunyuan_video:HunyuanVideoArchitecture",
 }
 
 

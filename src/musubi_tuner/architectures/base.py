@@ -62,6 +62,11 @@ class Architecture:
     lora_default_excludes_if_unset: ClassVar[tuple[str, ...]] = ()
     """Regexes excluded only when the user gives no `exclude_patterns` (FLUX's modulation layers)."""
 
+    def script_name(self, stage: str) -> str:
+        """The reference's script file for a stage (`cache_latents`, `cache_text_encoder_outputs`,
+        `train_network`, `generate_video` ...), named in messages that tell the user what to run."""
+        return f"{self.script_prefix}_{stage}.py"
+
     def _missing(self, method: str) -> NotImplementedError:
         return NotImplementedError(f"{type(self).__name__}.{method} is not implemented")
 
@@ -89,6 +94,11 @@ class Architecture:
     def encode_latents(self, encoders: Any, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         """One content dict per item, e.g. {"latents": (C,F,H,W)}."""
         raise self._missing("encode_latents")
+
+    def latents_from_cache(self, latents: torch.Tensor) -> torch.Tensor:
+        """Cached latents -> the DiT's latent space, when training. Identity for families that cache DiT-space
+        latents (Wan, FLUX); HunyuanVideo caches the raw VAE sample, as the reference, and scales here."""
+        return latents
 
     # ---- text caching --------------------------------------------------------------------------
     def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:

@@ -11,8 +11,10 @@ from musubi_tuner.errors import UserError
 _NETWORK_MODULES = {
     "networks.lora_wan": "musubi_tuner.networks.lora_wan",
     "networks.lora_flux": "musubi_tuner.networks.lora_flux",
+    # the reference's generic module; its target classes exist only in HunyuanVideo
+    "networks.lora": "musubi_tuner.networks.lora_hunyuan_video",
 }
-_NOT_YET = ("networks.lora", "networks.lora_framepack", "networks.loha", "networks.lokr", "lycoris.kohya")
+_NOT_YET = ("networks.lora_framepack", "networks.loha", "networks.lokr", "lycoris.kohya")
 
 
 def network_module_names() -> list[str]:

@@ -45,3 +45,9 @@ class LoraTarget:
     @property
     def split_sizes(self) -> list[int]:
         return [p.module.out_features for p in self.parts]
+
+
+def targets_from_layout(model: nn.Module, layout: list[tuple[str, list[str]]]) -> list[LoraTarget]:
+    """LoraTargets from (original module path, [diffusers Linear paths of `model` in output-row order]) pairs."""
+    return [LoraTarget(original, tuple(LoraPart(p, model.get_submodule(p)) for p in parts))
+            for original, parts in layout]

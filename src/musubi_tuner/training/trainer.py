@@ -129,7 +129,7 @@ class NetworkTrainer:
             raise UserError("--dataset_config is required (the dataset TOML used for caching)")
         specs = self.dataset_specs = load_dataset_config(self.args.dataset_config, self.arch.traits)
         self.batches = CachedBatches(specs, self.arch.traits, seed=self.args.seed,
-                                     text_cache_command=f"{self.arch.script_prefix}_cache_text_encoder_outputs.py")
+                                     text_cache_command=self.arch.script_name("cache_text_encoder_outputs"))
         if len(self.batches) == 0:
             raise UserError(f"{self.args.dataset_config}: no cached items found; run the caching scripts first")
         accum = self.args.gradient_accumulation_steps
@@ -354,7 +354,7 @@ class NetworkTrainer:
     def _loss(self, batch: dict[str, Any], uniform: torch.Tensor | None = None) -> torch.Tensor:
         from musubi_tuner.training.timesteps import compute_loss_weighting, sample_noisy_input
 
-        latents = batch["latents"].to(self.device, torch.float32)
+        latents = self.arch.latents_from_cache(batch["latents"].to(self.device, torch.float32))
         noise = torch.randn(latents.shape, generator=self.noise_generator).to(self.device)
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
         noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,

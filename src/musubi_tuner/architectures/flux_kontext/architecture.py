@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,7 +26,7 @@ from musubi_tuner.architectures.common import (
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
-from musubi_tuner.networks.targets import LoraPart, LoraTarget
+from musubi_tuner.networks.targets import LoraTarget, targets_from_layout
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +178,18 @@ class FluxKontextArchitecture(Architecture):
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.flux_kontext.dit_files import original_linear_parts
 
-        return [LoraTarget(original, tuple(LoraPart(p, dit.get_submodule(p)) for p in parts))
-                for original, parts in original_linear_parts(dit)]
+        return targets_from_layout(dit, original_linear_parts(dit))
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
         """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
         from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
-        from musubi_tuner.architectures.flux_kontext.dit_files import default_axes_dims_rope
+        from musubi_tuner.architectures.key_plan import block_layout_from_lora, default_axes_dims_rope, heads_for_width
 
-        num_double, num_single, hidden = _block_layout_from_lora(lora_sd)
-        head_dim = next(d for d in (128, 64, 32, 16, hidden) if hidden % d == 0)
+        num_double, num_single, hidden = block_layout_from_lora(lora_sd)
+        head_dim, heads = heads_for_width(hidden)
         config = {"in_channels": 64, "num_layers": num_double, "num_single_layers": num_single,
-                  "attention_head_dim": head_dim, "num_attention_heads": hidden // head_dim,
+                  "attention_head_dim": head_dim, "num_attention_heads": heads,
                   "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
                   "axes_dims_rope": default_axes_dims_rope(head_dim)}
         with torch.device("meta"):
@@ -267,21 +265,3 @@ class FluxKontextArchitecture(Architecture):
         generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         latent = self._encode_images(encoders, [pixels[None]], generator=generator)[0]
         return {"latents_control": latent[None]}
-
-
-_DOUBLE_RE = re.compile(r"(?<!single_)(?:double_blocks|transformer_blocks)[._](\d+)[._]")
-_SINGLE_RE = re.compile(r"(?:single_blocks|single_transformer_blocks)[._](\d+)[._]")
-
-
-def _block_layout_from_lora(lora_sd: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """(double blocks, single blocks, hidden size) a LoRA file implies, in any of its layouts.
-
-    Hidden size = the narrowest input of any down matrix (every block has hidden-wide inputs; only the
-    MLP outputs are wider). Files without block layers give the real Kontext sizes.
-    """
-    doubles = [int(m.group(1)) for k in lora_sd if (m := _DOUBLE_RE.search(k))]
-    singles = [int(m.group(1)) for k in lora_sd if (m := _SINGLE_RE.search(k))]
-    downs = [v.shape[1] for k, v in lora_sd.items()
-             if v.dim() == 2 and (".lora_down." in k or ".lora_A." in k)]
-    hidden = min(downs) if downs else 3072
-    return (max(doubles) + 1 if doubles else 0), (max(singles) + 1 if singles else 0), int(hidden)

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from musubi_tuner.architectures.key_plan import (  # noqa: F401 (default_axes_dims_rope re-exported)
+    KeyEntry,
+    block_count,
+    default_axes_dims_rope,
+    diffusers_to_original,
+    linear_entries,
+    original_to_diffusers,
+)
 from musubi_tuner.errors import CheckpointError
 
 # ---- the name table --------------------------------------------------------------------------
@@ -77,63 +84,22 @@ DIT_FLAG_HINT = "--dit expects flux1-kontext-dev.safetensors (BFL layout)"
 
 
 # ---- one conversion plan for both directions -------------------------------------------------
-class _Entry:
-    """One BFL tensor <-> one or more diffusers tensors (split on rows), optionally half-swapped."""
-
-    __slots__ = ("bfl", "diffusers", "swap")
-
-    def __init__(self, bfl: str, diffusers: tuple[str, ...], swap: bool = False):
-        self.bfl, self.diffusers, self.swap = bfl, diffusers, swap
-
-
-def _linear_entries(bfl: str, diffusers: tuple[str, ...], swap: bool = False) -> list[_Entry]:
-    return [_Entry(f"{bfl}.{p}", tuple(f"{d}.{p}" for d in diffusers), swap) for p in ("weight", "bias")]
-
-
-def _plan(num_double: int, num_single: int, guidance: bool) -> list[_Entry]:
-    plan: list[_Entry] = []
+def _plan(num_double: int, num_single: int, guidance: bool) -> list[KeyEntry]:
+    plan: list[KeyEntry] = []
     for bfl, dif in _EMBEDDERS + (_GUIDANCE_EMBEDDERS if guidance else ()):
-        plan += _linear_entries(bfl, (dif,))
-    plan += _linear_entries(_FINAL_MOD[0], (_FINAL_MOD[1],), swap=True)
+        plan += linear_entries(bfl, (dif,))
+    plan += linear_entries(_FINAL_MOD[0], (_FINAL_MOD[1],), swap=True)
     for i in range(num_double):
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for bfl, parts in _DOUBLE_LINEARS:
-            plan += _linear_entries(b + bfl, tuple(d + p for p in parts))
-        plan += [_Entry(b + bfl, (d + dif,)) for bfl, dif in _DOUBLE_NORMS]
+            plan += linear_entries(b + bfl, tuple(d + p for p in parts))
+        plan += [KeyEntry(b + bfl, (d + dif,)) for bfl, dif in _DOUBLE_NORMS]
     for i in range(num_single):
         b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for bfl, parts in _SINGLE_LINEARS:
-            plan += _linear_entries(b + bfl, tuple(d + p for p in parts))
-        plan += [_Entry(b + bfl, (d + dif,)) for bfl, dif in _SINGLE_NORMS]
+            plan += linear_entries(b + bfl, tuple(d + p for p in parts))
+        plan += [KeyEntry(b + bfl, (d + dif,)) for bfl, dif in _SINGLE_NORMS]
     return plan
-
-
-def _block_count(keys, prefix: str) -> int:
-    """1 + the highest block index under `prefix` (e.g. `double_blocks.`); 0 when there is none."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
-    if indices and indices != set(range(max(indices) + 1)):
-        raise CheckpointError(
-            f"{prefix}N blocks are not numbered 0..{max(indices)} without gaps; the file is incomplete"
-        )
-    return max(indices) + 1 if indices else 0
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _split_rows(t: torch.Tensor, parts: int, hidden: int) -> tuple[torch.Tensor, ...]:
-    sizes = [hidden] * (parts - 1) + [t.shape[0] - hidden * (parts - 1)]
-    return torch.split(t, sizes, dim=0)  # views: no copy of the 12B weights
-
-
-def _check_consumed(sd: dict, used: set[str], layout: str) -> None:
-    extra = sorted(set(sd) - used)
-    if extra:
-        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
-        raise CheckpointError(f"{len(extra)} unexpected keys in a FLUX {layout} state dict ({shown}); {DIT_FLAG_HINT}")
 
 
 def bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,36 +109,18 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     missing or unexpected key. The input dict is not modified.
     """
     _require_bfl(sd)
-    hidden = sd["img_in.weight"].shape[0]
-    plan = _plan(
-        _block_count(sd, "double_blocks."), _block_count(sd, "single_blocks."), "guidance_in.in_layer.weight" in sd
-    )
-    out: dict[str, torch.Tensor] = {}
-    for e in plan:
-        if e.bfl not in sd:
-            raise CheckpointError(f"missing key {e.bfl} in the FLUX DiT file; {DIT_FLAG_HINT}")
-        t = _swap_halves(sd[e.bfl]) if e.swap else sd[e.bfl]
-        out.update(zip(e.diffusers, _split_rows(t, len(e.diffusers), hidden) if len(e.diffusers) > 1 else (t,)))
-    _check_consumed(sd, {e.bfl for e in plan}, "BFL")
-    return out
+    plan = _plan(block_count(sd, "double_blocks."), block_count(sd, "single_blocks."), "guidance_in.in_layer.weight" in sd)
+    return original_to_diffusers(sd, plan, sd["img_in.weight"].shape[0], layout="FLUX BFL", hint=DIT_FLAG_HINT)
 
 
 def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Exact inverse of `bfl_to_diffusers` (`FluxTransformer2DModel` state dict -> BFL keys, no prefix)."""
     plan = _plan(
-        _block_count(sd, "transformer_blocks."),
-        _block_count(sd, "single_transformer_blocks."),
+        block_count(sd, "transformer_blocks."),
+        block_count(sd, "single_transformer_blocks."),
         "time_text_embed.guidance_embedder.linear_1.weight" in sd,
     )
-    out: dict[str, torch.Tensor] = {}
-    for e in plan:
-        missing = [k for k in e.diffusers if k not in sd]
-        if missing:
-            raise CheckpointError(f"missing key {missing[0]} in a diffusers FLUX transformer state dict")
-        t = torch.cat([sd[k] for k in e.diffusers], dim=0) if len(e.diffusers) > 1 else sd[e.diffusers[0]]
-        out[e.bfl] = _swap_halves(t) if e.swap else t
-    _check_consumed(sd, {k for e in plan for k in e.diffusers}, "diffusers")
-    return out
+    return diffusers_to_original(sd, plan, layout="FLUX", hint=DIT_FLAG_HINT)
 
 
 # ---- layout detection and config -------------------------------------------------------------
@@ -205,16 +153,6 @@ def _require_bfl(sd: dict) -> None:
         raise CheckpointError(f"not a FLUX DiT in BFL layout (first keys: {shown}); {DIT_FLAG_HINT}")
 
 
-def default_axes_dims_rope(head_dim: int) -> tuple[int, int, int]:
-    """RoPE split of a head over (index, y, x): (16, 56, 56) for FLUX's 128; (4, 6, 6) for 16.
-
-    The split is not stored in the weights. The rule keeps FLUX's proportions: the two spatial
-    axes get 7/16 of the head each (rounded down to even), the index axis the rest.
-    """
-    spatial = (7 * head_dim // 16) // 2 * 2
-    return (head_dim - 2 * spatial, spatial, spatial)
-
-
 def infer_flux_config(sd: dict[str, torch.Tensor], axes_dims_rope: tuple[int, int, int] | None = None) -> dict:
     """`FluxTransformer2DModel` config from a BFL-layout state dict (shapes only; meta tensors work).
 
@@ -235,8 +173,8 @@ def infer_flux_config(sd: dict[str, torch.Tensor], axes_dims_rope: tuple[int, in
         "patch_size": 1,
         "in_channels": int(in_channels),
         "out_channels": None if out_channels == in_channels else int(out_channels),
-        "num_layers": _block_count(sd, "double_blocks."),
-        "num_single_layers": _block_count(sd, "single_blocks."),
+        "num_layers": block_count(sd, "double_blocks."),
+        "num_single_layers": block_count(sd, "single_blocks."),
         "attention_head_dim": int(head_dim),
         "num_attention_heads": int(hidden // head_dim),
         "joint_attention_dim": int(sd["txt_in.weight"].shape[1]),

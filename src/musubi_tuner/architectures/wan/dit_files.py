@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from musubi_tuner.architectures.wan.dit_names import diffusers_module_name, original_module_name
-from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint, sample_keys
+from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
+from musubi_tuner.models.meta_loading import assign_weights
 from musubi_tuner.errors import CheckpointError, UserError
 from musubi_tuner.models.checkpoint_io import (
     load_state_dict,
@@ -281,35 +282,6 @@ def _read_shapes_or_state(path: Path, device: str | torch.device, flag: str):
     return {k: tuple(v.shape) for k, v in state.items()}, state
 
 
-def _fp32_module(key: str, keep_in_fp32: list[str]) -> bool:
-    # Same rule as diffusers' from_pretrained: a key part equal to a listed module name.
-    return any(name in key.split(".") for name in keep_in_fp32)
-
-
-def _assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None,
-                    source: str, flag: str, device: str | torch.device = "cpu") -> None:
-    """Fill a meta-device model from `state` (consumed), casting as `from_pretrained(torch_dtype=...)` would."""
-    expected = set(model.state_dict())
-    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
-    unexpected = sorted(k for k in state if k not in expected and not any(p in k for p in ignored))
-    missing = sorted(expected - set(state))
-    if missing or unexpected:
-        raise CheckpointError(f"{flag} {source}: weights do not match the Wan DiT layout "
-                              f"(missing: {sample_keys(missing, 4)}; unexpected: {sample_keys(unexpected, 4)}); "
-                              "is the file complete and a Wan2.1 DiT?")
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    cast = {}
-    for key in expected:
-        tensor = state.pop(key)  # drop the file's copy as soon as it is cast: one copy of the weights at a time
-        target = torch.float32 if _fp32_module(key, keep) else (dtype or tensor.dtype)
-        # cast on the way to the device: an fp32 file never exists on the GPU in fp32 when bf16 is asked for
-        cast[key] = tensor.to(device, target) if tensor.is_floating_point() else tensor.to(device)
-    try:
-        model.load_state_dict(cast, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{flag} {source}: tensor shapes do not match the inferred Wan config ({exc})") from exc
-
-
 def build_empty_wan_dit(config: dict[str, Any]):
     """`WanTransformer3DModel` with parameters on the meta device (buffers such as RoPE tables are real)."""
     from accelerate import init_empty_weights
@@ -338,7 +310,7 @@ def load_wan_dit(path: str | os.PathLike, *, task: str | None = None, device: st
     if dit_layout(state) == "original":
         state = wan_dit_to_diffusers(state)
     model = build_empty_wan_dit(config)
-    _assign_weights(model, state, dtype, str(path), flag, device)
+    assign_weights(model, state, dtype=dtype, source=str(path), flag=flag, device=device, what="Wan DiT")
     model.to(device)  # RoPE buffers were built on the CPU
     model.requires_grad_(False)
     return model.eval()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint, sample_keys
+from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.errors import CheckpointError
 from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict, strip_prefix
 

@@ -1,6 +1,6 @@
 """Recognise what a checkpoint is from its keys, so a wrong file gets a message that names it.
 
-Used by the Wan DiT and VAE loaders when a file is not what the flag expects ("--dit got a VAE").
+Used by the DiT and VAE loaders (Wan, HunyuanVideo) when a file is not what the flag expects ("--dit got a VAE").
 Only marker keys are checked; this is a hint for the error message, not a validator.
 """
 
