@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
