@@ -193,6 +193,14 @@ def strip_prefix(state_dict: Mapping[str, V], prefixes: Iterable[str] = COMFY_PR
     return dict(state_dict)
 
 
+def count_numbered(keys: Iterable[str], pattern: str) -> int:
+    """How many numbered blocks a key layout has: `pattern` is a regex whose group 1 is the block index
+    (e.g. `r"layers\\.(\\d+)\\."`); the highest index + 1, 0 when no key matches."""
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> None:
     """Write atomically: `.safetensors` (with string metadata) or a weights-only `torch.save` for pickles."""
