@@ -166,7 +166,7 @@ def test_fp8_llm_stores_linears_in_fp8_and_stays_close_to_bf16(files, tokenizers
     ref, _ = encode_llm(load_llava_llama3(files["llm"], dtype=torch.bfloat16), tokenizers[0], PROMPTS)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert rel < 0.05, rel  # measured 0.02 on the tiny model: e4m3 keeps 3 mantissa bits
+    assert rel < 0.03, rel  # measured 0.0062 (bf16 alone vs fp32: 0.0025); e4m3 keeps 3 mantissa bits
 
 
 def test_missing_tokenizers_name_their_flags_before_any_model_is_read(files, tmp_path, monkeypatch):
