@@ -101,7 +101,8 @@ def tiny_llm_tokenizer(tmp_path_factory):
 def test_tiny_llm_tokenizer_has_llama3_conventions(tiny_llm_tokenizer, tmp_path):
     tok = load_llm_tokenizer(str(tiny_llm_tokenizer))
     ids = tok(apply_template(VIDEO_TEMPLATE, "a red cat")).input_ids
-    assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+    assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
     assert tok.decode(ids[template_crop(tok, VIDEO_TEMPLATE):]) == "a red cat<|eot_id|>"
     padded = tok(["a", "a red cat"], padding="longest").attention_mask
     assert padded[0][-1] == 0 and tok.padding_side == "right"
@@ -123,8 +124,8 @@ def test_llm_tokenizer_needs_tokenizer_json_and_a_pad_token(tiny_llm_tokenizer, 
 
 
 # ---- CLIP BPE ---------------------------------------------------------------------------------------
-_CLIP_SPLIT = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-                            regex.IGNORECASE)
+_CLIP_SPLIT = regex.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 
 
 def _clip_bpe_by_hand(folder: Path, text: str) -> list[int]:

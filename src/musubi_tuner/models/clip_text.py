@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.errors import CheckpointError
-from musubi_tuner.models.checkpoint_io import count_numbered, load_state_dict, strip_prefix
+from musubi_tuner.models.checkpoint_io import count_numbered, load_state_dict, model_from_state_dict, strip_prefix
 
 CLIP_TOKENIZER_HUB_ID = "openai/clip-vit-large-patch14"
 CLIP_TOKENIZER_FLAG = "--clip_tokenizer"
@@ -71,12 +71,8 @@ def build_clip(sd: dict[str, torch.Tensor], source: str = "--text_encoder2", con
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if k not in _CLIP_IGNORED}
     config = CLIPTextConfig(**{**infer_clip_config(sd, source), **(config_overrides or {})})
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source}: the CLIP weights do not fit a CLIP text model: {str(exc)[:300]}") from exc
+    model = model_from_state_dict(lambda: CLIPTextModel(config), sd,
+                                  f"{source}: the CLIP weights do not fit a CLIP text model")
     # A non-persistent buffer is not in the file; rebuild it off the meta device.
     device = sd["embeddings.token_embedding.weight"].device
     positions = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)

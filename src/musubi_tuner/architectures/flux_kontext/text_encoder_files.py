@@ -20,14 +20,8 @@ import torch
 
 from musubi_tuner.architectures.flux_kontext.dit_files import _cast, _read_safetensors
 from musubi_tuner.errors import CheckpointError, UserError
-from musubi_tuner.models.checkpoint_io import count_numbered, strip_prefix
-from musubi_tuner.models.clip_text import (  # noqa: F401 - CLIP-L is shared with HunyuanVideo; re-exported
-    CLIP_MAX_LENGTH,
-    CLIP_TOKENIZER_FLAG,
-    CLIP_TOKENIZER_HUB_ID,
-    clip_input_ids,
-    load_clip_l,
-)
+from musubi_tuner.models.checkpoint_io import count_numbered, model_from_state_dict, strip_prefix
+from musubi_tuner.models.clip_text import CLIP_TOKENIZER_FLAG, CLIP_TOKENIZER_HUB_ID, clip_input_ids
 
 T5_TOKENIZER_HUB_ID = "google/t5-v1_1-xxl"
 T5_TOKENIZER_FLAG = "--t5_tokenizer"
@@ -93,12 +87,9 @@ def build_t5(sd: dict[str, torch.Tensor], source: str = "--text_encoder1"):
     sd = dict(sd)
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
     sd.setdefault("shared.weight", sd["encoder.embed_tokens.weight"])
-    with torch.device("meta"):
-        model = T5EncoderModel(T5Config(**infer_t5_config(sd, source)))
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"--text_encoder1: the T5 weights do not fit a T5 encoder: {str(exc)[:300]}") from exc
+    config = T5Config(**infer_t5_config(sd, source))
+    model = model_from_state_dict(lambda: T5EncoderModel(config), sd,
+                                  "--text_encoder1: the T5 weights do not fit a T5 encoder")
     model.tie_weights()
     return model
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from musubi_tuner.errors import CheckpointError
-from musubi_tuner.models.checkpoint_io import count_numbered, load_state_dict
+from musubi_tuner.models.checkpoint_io import count_numbered, load_state_dict, model_from_state_dict
 
 LLM_FLAG = "--text_encoder1"
 _EMBED_KEY = "embed_tokens.weight"
@@ -33,7 +33,8 @@ _LLAMA3_DEFAULTS = {
 }
 """LLaMA-3-8B values a single file does not carry (the reference embeds the same config)."""
 _CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
-                "rope_parameters", "rms_norm_eps", "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias")
+                "rope_parameters", "rms_norm_eps", "max_position_embeddings", "hidden_act", "attention_bias",
+                "mlp_bias")
 
 
 def llama_text_weights(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -89,12 +90,8 @@ def build_llama(sd: dict[str, torch.Tensor], source: str = LLM_FLAG, config: dic
     from transformers import LlamaConfig, LlamaModel
 
     llama_config = LlamaConfig(**infer_llama_config(sd, source, config))
-    with torch.device("meta"):
-        model = LlamaModel(llama_config)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source}: the weights do not fit a LLaMA model: {str(exc)[:300]}") from exc
+    model = model_from_state_dict(lambda: LlamaModel(llama_config), sd,
+                                  f"{source}: the weights do not fit a LLaMA model")
     # Non-persistent RoPE buffers are not in the file; rebuild them off the meta device.
     with torch.device(sd[_EMBED_KEY].device):
         model.rotary_emb = type(model.rotary_emb)(config=llama_config)
