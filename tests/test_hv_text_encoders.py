@@ -60,8 +60,8 @@ def test_real_size_llava_llama3_config_is_read_from_the_weights():
         causal = LlamaForCausalLM(real)
     comfy = causal.state_dict()  # `model.*` + `lm_head.weight`, as llava_llama3_fp16.safetensors
     assert "lm_head.weight" in comfy and "model.embed_tokens.weight" in comfy
-    comfy["tokenizer"] = torch.empty(16, dtype=torch.uint8, device="meta")  # some ComfyUI files carry one
     llava = {"model.language_model." + k.removeprefix("model."): v for k, v in comfy.items() if k != "lm_head.weight"}
+    comfy["tokenizer"] = torch.empty(16, dtype=torch.uint8, device="meta")  # some ComfyUI files carry one
     llava["model.vision_tower.vision_model.encoder.layers.8.layer_norm2.weight"] = torch.empty(1, device="meta")
     llava["model.multi_modal_projector.linear_1.weight"] = torch.empty(1, device="meta")
     text = llama_text_weights(comfy, "x")
