@@ -7,9 +7,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from musubi_tuner.architectures.flux_kontext.text_encoder_files import (
     encode_prompts_flux,
-    infer_clip_config,
     infer_t5_config,
-    load_clip_l,
     load_t5xxl,
 )
 from musubi_tuner.architectures.flux_kontext.tiny import (
@@ -21,6 +19,7 @@ from musubi_tuner.architectures.flux_kontext.tiny import (
 )
 from musubi_tuner.errors import CheckpointError
 from musubi_tuner.memory.fp8 import Fp8StorageLinear
+from musubi_tuner.models.clip_text import infer_clip_config, load_clip_l
 from musubi_tuner.models.tokenizers import resolve_tokenizer
 
 PROMPTS = ["a red cat", "make the sky blue with a small bird in the background"]

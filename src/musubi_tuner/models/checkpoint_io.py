@@ -193,6 +193,26 @@ def strip_prefix(state_dict: Mapping[str, V], prefixes: Iterable[str] = COMFY_PR
     return dict(state_dict)
 
 
+def model_from_state_dict(make_model, state_dict: Mapping[str, torch.Tensor], error_prefix: str):
+    """`make_model()` built on the meta device (no random init), then given `state_dict`'s tensors as its
+    weights (strict). A mismatch is a `CheckpointError` starting with `error_prefix` (name the flag and file)."""
+    with torch.device("meta"):
+        model = make_model()
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{error_prefix}: {str(exc)[:300]}") from exc
+    return model
+
+
+def count_numbered(keys: Iterable[str], pattern: str) -> int:
+    """How many numbered blocks a key layout has: `pattern` is a regex whose group 1 is the block index
+    (e.g. `r"layers\\.(\\d+)\\."`); the highest index + 1, 0 when no key matches."""
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> None:
     """Write atomically: `.safetensors` (with string metadata) or a weights-only `torch.save` for pickles."""

@@ -28,6 +28,7 @@ def resolve_tokenizer(
     subfolder: str | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
+    as_written: bool = False,
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer from `local_path` (folder, or a file inside one), else from the HF cache, offline.
 
@@ -35,10 +36,13 @@ def resolve_tokenizer(
     hub_repo_id / subfolder: where the reference would download it from, e.g. `Wan-AI/Wan2.1-T2V-14B`,
     subfolder `google/umt5-xxl`; only the local cache is looked at (`local_files_only=True`).
     cache_dir: HF hub cache to search (default: the usual `HF_HUB_CACHE`).
+    as_written: load `tokenizer.json` exactly as the file says (`PreTrainedTokenizerFast`), whatever class
+    tokenizer_config.json names. LLaMA-3: transformers 5's `LlamaTokenizerFast` rebuilds the pre-tokenizer
+    and mis-tokenizes most strings.
     """
     flag = "--" + flag_name.lstrip("-")
     if local_path is not None:
-        return _load_local(flag, Path(local_path))
+        return _load_local(flag, Path(local_path), as_written)
     cached = _cached_folder(hub_repo_id, subfolder, cache_dir)
     if cached is None:
         where = hub_repo_id + (f" (subfolder {subfolder})" if subfolder else "")
@@ -48,7 +52,7 @@ def resolve_tokenizer(
             f"spiece.model, e.g. downloaded with `huggingface-cli download {hub_repo_id}{include}`); "
             "nothing is downloaded at run time"
         )
-    return _load_local(flag, cached)
+    return _load_local(flag, cached, as_written)
 
 
 def _cached_folder(repo_id: str, subfolder: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
@@ -64,7 +68,7 @@ def _cached_folder(repo_id: str, subfolder: str | None, cache_dir: str | os.Path
     return folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
 
 
-def _load_local(flag: str, path: Path) -> PreTrainedTokenizerBase:
+def _load_local(flag: str, path: Path, as_written: bool = False) -> PreTrainedTokenizerBase:
     if not path.exists():
         raise UserError(
             f"{flag} {path}: no such file or folder; pass a tokenizer folder (with tokenizer.json or spiece.model)"
@@ -74,8 +78,11 @@ def _load_local(flag: str, path: Path) -> PreTrainedTokenizerBase:
         raise UserError(
             f"{flag} {path}: not a tokenizer folder (none of {', '.join(TOKENIZER_FILES)} found in {folder})"
         )
+    if as_written and not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{flag} {path}: this tokenizer needs its tokenizer.json (not found in {folder})")
+    loader = PreTrainedTokenizerFast if as_written else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = loader.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any parse failure is the user's file; say which
         raise UserError(f"{flag} {path}: could not load the tokenizer: {type(err).__name__}: {err}") from err
     return _with_pad_token(tokenizer)
@@ -106,7 +113,7 @@ _TINY_CORPUS_WORDS = (
 ).split()
 
 
-def _tiny_corpus() -> list[str]:
+def tiny_corpus() -> list[str]:
     # Fixed sentences built from the word list: deterministic, so the tokenizer is too.
     words = _TINY_CORPUS_WORDS
     return [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)] * 4
@@ -126,7 +133,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> P
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
-    tokenizer.train_from_iterator(_tiny_corpus(), trainer)
+    tokenizer.train_from_iterator(tiny_corpus(), trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
@@ -136,11 +143,11 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> P
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         wrapped.save_pretrained(str(tmp))
-        _portable_tokenizer_config(tmp / "tokenizer_config.json")
+        portable_tokenizer_config(tmp / "tokenizer_config.json")
     return out_dir
 
 
-def _portable_tokenizer_config(path: Path) -> None:
+def portable_tokenizer_config(path: Path) -> None:
     # transformers 5 writes "TokenizersBackend", a class transformers 4 lacks; the 4.x name loads in both.
     config = json.loads(path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -147,11 +147,8 @@ class FluxKontextArchitecture(Architecture):
 
     # ---- text side ---------------------------------------------------------------------------------
     def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> FluxTextEncoders:
-        from musubi_tuner.architectures.flux_kontext.text_encoder_files import (
-            load_clip_l,
-            load_flux_tokenizers,
-            load_t5xxl,
-        )
+        from musubi_tuner.architectures.flux_kontext.text_encoder_files import load_flux_tokenizers, load_t5xxl
+        from musubi_tuner.models.clip_text import load_clip_l
 
         if not args.text_encoder1 or not args.text_encoder2:
             raise UserError("FLUX.1 Kontext needs both text encoders: --text_encoder1 t5xxl_fp16.safetensors "

@@ -2,7 +2,8 @@
 
 Both files hold Hugging Face transformers keys (T5: `encoder.block.N...`, `shared.weight`; CLIP:
 `text_model.*`), sometimes under a ComfyUI checkpoint prefix. The config is read from the weights,
-so the tiny test files use the same loaders. Tokenizers are not in these files; they come from
+so the tiny test files use the same loaders. CLIP-L lives in `musubi_tuner.models.clip_text` (shared
+with HunyuanVideo and FramePack). Tokenizers are not in these files; they come from
 `--t5_tokenizer` / `--clip_tokenizer` (a local folder) or the hub ids below via
 `musubi_tuner.models.tokenizers.resolve_tokenizer`.
 
@@ -13,38 +14,20 @@ mask (padding positions included, all 512 vectors kept); CLIP-L padded to 77, po
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import torch
 
 from musubi_tuner.architectures.flux_kontext.dit_files import _cast, _read_safetensors
 from musubi_tuner.errors import CheckpointError, UserError
+from musubi_tuner.models.checkpoint_io import count_numbered, model_from_state_dict, strip_prefix
+from musubi_tuner.models.clip_text import CLIP_TOKENIZER_FLAG, CLIP_TOKENIZER_HUB_ID, clip_input_ids
 
 T5_TOKENIZER_HUB_ID = "google/t5-v1_1-xxl"
-CLIP_TOKENIZER_HUB_ID = "openai/clip-vit-large-patch14"
 T5_TOKENIZER_FLAG = "--t5_tokenizer"
-CLIP_TOKENIZER_FLAG = "--clip_tokenizer"
 T5_MAX_LENGTH = 512
-CLIP_MAX_LENGTH = 77
 
 _T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.")
-_CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "clip_l.transformer.", "cond_stage_model.transformer.")
-_CLIP_IGNORED = ("text_projection.weight", "logit_scale", "embeddings.position_ids")
-
-
-def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    for prefix in prefixes:
-        inner = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-        if inner:
-            return inner
-    return sd
-
-
-def _count(sd: dict, pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in sd if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
 
 
 # ---- T5 ----------------------------------------------------------------------------------------
@@ -68,7 +51,7 @@ def infer_t5_config(sd: dict[str, torch.Tensor], source: str = "--text_encoder1"
     ff_key = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0.weight" if gated else "wi.weight")
     return t5_encoder_config(
         vocab_size=int(emb.shape[0]), d_model=int(emb.shape[1]), d_kv=int(inner // heads),
-        d_ff=int(sd[ff_key].shape[0]), num_layers=_count(sd, r"encoder\.block\.(\d+)\."), num_heads=int(heads),
+        d_ff=int(sd[ff_key].shape[0]), num_layers=count_numbered(sd, r"encoder\.block\.(\d+)\."), num_heads=int(heads),
         buckets=int(buckets), gated=gated,
     )
 
@@ -104,12 +87,9 @@ def build_t5(sd: dict[str, torch.Tensor], source: str = "--text_encoder1"):
     sd = dict(sd)
     sd.setdefault("encoder.embed_tokens.weight", sd.get("shared.weight"))
     sd.setdefault("shared.weight", sd["encoder.embed_tokens.weight"])
-    with torch.device("meta"):
-        model = T5EncoderModel(T5Config(**infer_t5_config(sd, source)))
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"--text_encoder1: the T5 weights do not fit a T5 encoder: {str(exc)[:300]}") from exc
+    config = T5Config(**infer_t5_config(sd, source))
+    model = model_from_state_dict(lambda: T5EncoderModel(config), sd,
+                                  "--text_encoder1: the T5 weights do not fit a T5 encoder")
     model.tie_weights()
     return model
 
@@ -125,7 +105,7 @@ def load_t5xxl(
     fp8=True stores Linear weights as float8 via `musubi_tuner.memory.fp8` (embeddings, norms and the
     FFN output layers stay `dtype`).
     """
-    sd = _strip(_read_safetensors(path, "--text_encoder1"), _T5_PREFIXES)
+    sd = strip_prefix(_read_safetensors(path, "--text_encoder1"), _T5_PREFIXES)
     if "scaled_fp8" in sd:
         raise CheckpointError(
             "--text_encoder1: scaled-fp8 T5 files are not supported; "
@@ -145,71 +125,6 @@ def _cast_t5_to_fp8(model) -> None:
     # `wo` stays in `dtype`: transformers' T5 FFN casts its activations to wo's weight dtype, which
     # would quantise them to fp8 (the reference patches that forward for the same reason).
     cast_linear_weights_to_fp8(model, skip_patterns=(r"DenseReluDense\.wo$",))
-
-
-# ---- CLIP-L ------------------------------------------------------------------------------------
-def _clip_heads(hidden: int) -> int:
-    """Head count is not in the weights. OpenAI CLIP text towers use 64-wide heads (CLIP-L: 12);
-    widths that are not a multiple of 64 (the tiny preset) use 16-wide heads."""
-    return hidden // 64 if hidden % 64 == 0 else hidden // 16
-
-
-def infer_clip_config(sd: dict[str, torch.Tensor], source: str = "--text_encoder2") -> dict:
-    """`CLIPTextConfig` kwargs from CLIP text weights (keys without the `text_model.` prefix).
-
-    Real CLIP-L: hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408, 77 positions, quick_gelu.
-    EOS is the last vocabulary id (49407), which is what the pooled output is read at.
-    """
-    if "embeddings.token_embedding.weight" not in sd:
-        shown = ", ".join(list(sd)[:3]) or "no keys"
-        raise CheckpointError(
-            f"{source}: not a CLIP text encoder (first keys: {shown}); expected clip_l.safetensors"
-        )
-    vocab, hidden = sd["embeddings.token_embedding.weight"].shape
-    return {
-        "vocab_size": int(vocab),
-        "hidden_size": int(hidden),
-        "intermediate_size": int(sd["encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        "num_hidden_layers": _count(sd, r"encoder\.layers\.(\d+)\."),
-        "num_attention_heads": _clip_heads(int(hidden)),
-        "max_position_embeddings": int(sd["embeddings.position_embedding.weight"].shape[0]),
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": int(hidden),
-        "bos_token_id": int(vocab) - 2,
-        "eos_token_id": int(vocab) - 1,
-        "pad_token_id": 1,
-    }
-
-
-def build_clip(sd: dict[str, torch.Tensor], source: str = "--text_encoder2"):
-    """`CLIPTextModel` from CLIP text weights (`text_model.` prefix optional)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if k not in _CLIP_IGNORED}
-    config = CLIPTextConfig(**infer_clip_config(sd, source))
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"--text_encoder2: the CLIP weights do not fit a CLIP text model: {str(exc)[:300]}"
-        ) from exc
-    # A non-persistent buffer is not in the file; rebuild it off the meta device.
-    device = sd["embeddings.token_embedding.weight"].device
-    positions = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)
-    model.embeddings.register_buffer("position_ids", positions, persistent=False)
-    return model
-
-
-def load_clip_l(
-    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.bfloat16
-):
-    """Load CLIP-L from `clip_l.safetensors` (ComfyUI layout) as a frozen, eval `CLIPTextModel`."""
-    sd = _strip(_read_safetensors(path, "--text_encoder2"), _CLIP_PREFIXES)
-    return build_clip(_cast(sd, device, dtype), f"--text_encoder2 {path}").eval().requires_grad_(False)
 
 
 # ---- tokenizers and prompt encoding ------------------------------------------------------------
@@ -237,6 +152,6 @@ def encode_prompts_flux(
     t5_vec = t5(input_ids=t5_ids, attention_mask=None).last_hidden_state
     if torch.isnan(t5_vec).any():
         raise UserError("T5 produced NaN values; run T5 in bf16/fp32 (without --fp8_t5) to check the weights")
-    clip_ids = _tokens(clip_tokenizer, prompts, CLIP_MAX_LENGTH).to(clip.device)
+    clip_ids = clip_input_ids(clip_tokenizer, prompts)["input_ids"].to(clip.device)
     pooled = clip(input_ids=clip_ids).pooler_output
     return [{"t5_vec": v.cpu(), "clip_l_pooler": p.cpu()} for v, p in zip(t5_vec, pooled)]

@@ -7,7 +7,6 @@ so these files go through exactly the code paths of the real ones.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -148,6 +147,8 @@ def build_tiny_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    from musubi_tuner.models.tokenizers import portable_tokenizer_config
+
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     words = ["<unk>", *_CLIP_WORDS]
     words += [f"tok{i}" for i in range(TINY_CLIP_VOCAB - 2 - len(words))]
@@ -164,11 +165,7 @@ def build_tiny_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         wrapped.save_pretrained(str(tmp))
-        # transformers 5 writes "TokenizersBackend", unknown to transformers 4; this name loads in both.
-        config_path = tmp / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        portable_tokenizer_config(tmp / "tokenizer_config.json")
     return out_dir
 
 
