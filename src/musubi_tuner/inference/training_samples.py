@@ -20,7 +20,6 @@ from musubi_tuner.inference.generate import (
     free_memory,
     generation_metadata,
     render,
-    resolve_spec,
 )
 from musubi_tuner.inference.prompts import PromptSpec, load_prompt_file
 
@@ -30,10 +29,18 @@ logger = logging.getLogger(__name__)
 SAMPLE_DEFAULTS = PromptSpec(width=256, height=256, frames=1, steps=20)
 
 
+def load_sample_requests(arch: Architecture, args: argparse.Namespace) -> list[PromptSpec]:
+    """Every --sample_prompts entry parsed, resolved and checked; training calls this at start-up too, so a bad
+    line stops the run before any model loads, not at the first sample step."""
+    from musubi_tuner.inference.prompt_checks import checked_requests
+
+    return checked_requests(arch, load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS))
+
+
 class TrainingSampler:
     def __init__(self, arch: Architecture, args: argparse.Namespace, device: torch.device):
         self.arch, self.args, self.device = arch, args, device
-        self.specs = [resolve_spec(arch, s) for s in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
+        self.specs = load_sample_requests(arch, args)
         for spec in self.specs:
             if spec.seed is None:
                 spec.seed = args.seed

@@ -159,13 +159,9 @@ class NetworkTrainer:
         self.network.to(self.device)
         self.network.train()
         if self.args.compile:  # after the LoRA wrappers are in place, so they are compiled with the blocks
-            from musubi_tuner.memory.attention import compile_dit
+            from musubi_tuner.memory.attention import compile_dit_from_flags
 
-            if self.args.compile_cache_size_limit:
-                torch._dynamo.config.cache_size_limit = self.args.compile_cache_size_limit
-            dynamic = {"true": True, "false": False}.get(self.args.compile_dynamic or "auto")
-            compile_dit(self.dit, backend=self.args.compile_backend, mode=self.args.compile_mode, dynamic=dynamic,
-                        fullgraph=self.args.compile_fullgraph)
+            compile_dit_from_flags(self.dit, self.args)
 
     def _build_optimizer(self) -> None:
         from musubi_tuner.training.lr_schedulers import build_lr_scheduler
