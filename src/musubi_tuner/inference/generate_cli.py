@@ -185,7 +185,8 @@ LATENT_NDIMS = (3, 4)
 
 def check_latent_files(paths: list[str]) -> None:
     """--latent_path: every file is a latent written with --output_type latent, checked from its header."""
-    from musubi_tuner.models.checkpoint_io import read_safetensors_keys
+    from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint, sample_keys
+    from musubi_tuner.models.checkpoint_io import read_safetensors_keys, strip_prefix
 
     for path in paths:
         if not str(path).lower().endswith(".safetensors"):
@@ -193,11 +194,10 @@ def check_latent_files(paths: list[str]) -> None:
         shapes = read_safetensors_keys(path, flag="--latent_path")
         shape = shapes.get("latent")
         if shape is None or len(shape) not in LATENT_NDIMS:
-            sample = ", ".join(sorted(shapes)[:3]) or "no tensors"
-            looks = " (it looks like a LoRA)" if any("lora_" in k for k in shapes) else ""
-            raise UserError(f"--latent_path {path}: not a latent saved by a generate script{looks}; it holds "
-                            f"{sample}{', ...' if len(shapes) > 3 else ''}. Pass a *_latent.safetensors from "
-                            "--output_type latent/both")
+            kind = describe_checkpoint(strip_prefix(shapes))
+            what = f"it looks like {kind}" if kind else f"it holds {sample_keys(shapes)}"
+            raise UserError(f"--latent_path {path}: not a latent saved by a generate script ({what}); pass a "
+                            "*_latent.safetensors written with --output_type latent or both")
 
 
 def decode_latent_files(session: GenerationSession, paths: list[str]) -> None:

@@ -56,6 +56,17 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
         logger.info("merged LoRA %s (%d modules, multiplier %s)", path, len(network.loras), multiplier)
 
 
+def refuse_non_dit(path: str, keys) -> None:
+    """A VAE, text encoder or LoRA passed as --dit: say what the file looks like (unrecognised files go on)."""
+    from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint
+    from musubi_tuner.models.checkpoint_io import strip_prefix
+
+    kind = describe_checkpoint(strip_prefix(dict.fromkeys(keys)))
+    if kind is not None and "DiT" not in kind:
+        raise CheckpointError(f"--dit {path}: this looks like {kind}, not a DiT; pass the diffusion model "
+                              "(e.g. wan2.1_t2v_1.3B_bf16.safetensors, flux1-kontext-dev.safetensors) as --dit")
+
+
 def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[float], output: str, *,
                      targets=None, device=None, include: Sequence[str] | None = None,
                      exclude: Sequence[str] | None = None) -> None:
@@ -67,6 +78,7 @@ def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[
 
     logger.info("loading %s", dit)
     base = load_state_dict(dit, flag="--dit")
+    refuse_non_dit(dit, base.keys())
     for path, multiplier in zip(lora_paths, _multipliers(lora_paths, multipliers)):
         lora = filter_lora_modules(load_lora_file(path)[0], include, exclude)
         try:  # one at a time (the merge is in place, so the result is the same) to name the failing file
