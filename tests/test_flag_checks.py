@@ -189,3 +189,43 @@ def test_generate_parses_the_reference_compile_and_memory_flags(caplog):
         warn_flags_without_effect(args, NO_EFFECT)
     for name in ("use_pinned_memory_for_block_swap", "disable_numpy_memmap", "lazy_loading"):
         assert f"--{name} has no effect here" in caplog.text
+
+
+def test_debug_mode_video_writes_previews_without_the_vae(tmp_path, capsys):
+    import av
+
+    from wan_fixtures import write_clip_dataset
+
+    toml = write_clip_dataset(tmp_path / "data")
+    argv = ["--dataset_config", str(toml), "--vae", MISSING, "--debug_mode", "video"]
+    assert run(wan_cache_latents.main, argv) == 0
+    images = sorted(p.name for p in (tmp_path / "data" / "cache_img").iterdir())
+    assert images == ["green_dot_0032x0032_wan.jpg", "red_dot_0032x0032_wan.jpg"]  # no cache written
+    (video,) = (tmp_path / "data" / "cache_vid").iterdir()
+    assert video.name == "blue_square_00000-005_0032x0032_wan.mp4"
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+    assert MISSING not in capsys.readouterr().err
+
+
+def test_debug_mode_console_prints_one_line_per_item(tmp_path, capsys):
+    from wan_fixtures import write_clip_dataset
+
+    toml = write_clip_dataset(tmp_path / "data")
+    argv = ["--dataset_config", str(toml), "--debug_mode", "console", "--console_num_images", "1",
+            "--console_width", "40", "--console_back", "black"]
+    assert run(wan_cache_latents.main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    items = [line for line in lines if not line.startswith(("dataset [", "latent caches"))]
+    assert len(items) == 2 and all(len(line) <= 40 for line in items)  # one item per dataset, cut to the width
+    assert not list((tmp_path / "data").glob("cache_*/*"))  # console mode writes nothing
+
+
+def test_disable_cudnn_backend(tmp_path, monkeypatch):
+    from wan_fixtures import write_clip_dataset
+
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    toml = write_clip_dataset(tmp_path / "data")
+    argv = ["--dataset_config", str(toml), "--debug_mode", "console", "--disable_cudnn_backend"]
+    assert run(wan_cache_latents.main, argv) == 0
+    assert torch.backends.cudnn.enabled is False

@@ -7,9 +7,11 @@ Files go to `<output_dir>/sample/` named `{output_name}_{e000001|000100}_{idx:02
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
@@ -53,13 +55,16 @@ class TrainingSampler:
         self.folder = Path(args.output_dir) / "sample"
         logger.info("%d sample prompts ready", len(self.specs))
 
-    def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
+    def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None,
+            autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> list[Path]:
+        """Render every sample prompt with `dit`. autocast: the training step's (mixed precision), so a bf16/fp16
+        DiT with its fp32 LoRA samples as it trains; the VAE decodes outside it, in its own dtype."""
         from musubi_tuner.inference.outputs import write_outputs
 
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
         written: list[Path] = []
         for spec, (cond, uncond) in zip(self.specs, self.conditions):
-            with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG
+            with torch.random.fork_rng(devices=[]), autocast():  # sampling must not move the training RNG
                 latents = render(self.arch, dit, self.latent_encoders, spec, cond, uncond, self.settings, self.args)
             frames = self.arch.decode_latents(self.latent_encoders, latents)[0]
             stamp = datetime.now().strftime("%Y%m%d%H%M%S")

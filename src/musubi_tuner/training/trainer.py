@@ -414,8 +414,8 @@ class NetworkTrainer:
     def _sample(self, *, epoch: int | None = None, step: int | None = None) -> None:
         if self.samples is not None and self.accelerator.is_main_process:
             self.network.eval()  # no LoRA dropout while sampling
-            try:
-                self.samples.run(self.dit, epoch=epoch, step=step)
+            try:  # the DiT under the training step's autocast: the LoRA stays fp32 beside a bf16/fp16 DiT
+                self.samples.run(self.dit, epoch=epoch, step=step, autocast=self.accelerator.autocast)
             finally:
                 self.network.train()
 
