@@ -9,18 +9,6 @@ from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_
 from wan_fixtures import make_workspace, run
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with another --mixed_precision needs it cleared."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def wan_ws(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("wan_precision"))
