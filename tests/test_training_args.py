@@ -1,6 +1,5 @@
 """Common training flags: reference defaults, validation errors, --config_file."""
 
-import argparse
 import pathlib
 
 import pytest
