@@ -81,6 +81,35 @@ def test_pickle_with_arbitrary_object_is_refused(tmp_path):
     assert "--vae" in msg and "evil.pth" in msg and "weights_only" in msg and "NotATensor" in msg
 
 
+class RunsCode:
+    """Unpickling this would call os.system: the classic malicious checkpoint."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo should-never-run",))
+
+
+@pytest.mark.parametrize("write", ["torch_save", "raw_pickle_protocol_4"])
+def test_pickle_that_holds_code_is_refused_as_such_not_as_corrupt(tmp_path, write):
+    import pickle
+
+    path = tmp_path / "lora.pt"
+    payload = {"w": torch.ones(2), "payload": RunsCode()}
+    if write == "torch_save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(path, flag="--dit")
+    msg = str(err.value)
+    assert "--dit" in msg and "lora.pt" in msg
+    assert "contains code/objects that are not plain tensors" in msg and "refusing to unpickle" in msg
+    assert "safetensors" in msg and "re-download" not in msg
+    if write == "torch_save":
+        assert "system" in msg  # names what it tried to call
+
+
 def test_allowed_containers_still_load(tmp_path):
     torch.save({"w": torch.ones(2), "stats": collections.OrderedDict(x=1)}, tmp_path / "ok.pth")
     assert list(load_state_dict(tmp_path / "ok.pth")) == ["w"]

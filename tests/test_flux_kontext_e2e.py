@@ -198,7 +198,7 @@ def test_control_image_sizing_at_generation(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--output_type", "video"], "makes images"),
-    (["--image_size", "60", "64"], "multiples of 16"),
+    (["--image_size", "60", "64"], "--image_size HEIGHT: must be a positive multiple of 16, got 60"),
 ])
 def test_generate_flag_errors(run, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:

@@ -9,7 +9,6 @@ from _lora_toy import ToyArch, ToyDiT, comfy_unconsumed_keys, randomize_lora
 from safetensors import safe_open
 
 from musubi_tuner import convert_lora
-from musubi_tuner.errors import UserError
 from musubi_tuner.networks import lora
 from musubi_tuner.networks.lora_files import (
     NameIndex,
@@ -169,7 +168,7 @@ def test_training_metadata_keys():
     }
 
 
-def test_convert_cli(toy, tmp_path, monkeypatch):
+def test_convert_cli(toy, tmp_path, monkeypatch, capsys):
     sd, targets, original = toy
     src = tmp_path / "in.safetensors"
     save_lora_file(sd, src, {"ss_network_dim": "4"})
@@ -179,8 +178,9 @@ def test_convert_cli(toy, tmp_path, monkeypatch):
     convert_lora.main(["--input", str(src), "--output", str(out), "--target", "other", "--dit", str(dit_file)])
     other, meta = load_lora_file(out)
     assert "diffusion_model.double_blocks.1.img_mlp.0.lora_B.weight" in other and meta["ss_network_dim"] == "4"
-    with pytest.raises(UserError, match="--arch"):
+    with pytest.raises(SystemExit) as exit_info:  # the console entry prints the error as one line, exit 2
         convert_lora.main(["--input", str(src), "--output", str(out), "--target", "diffusers"])
+    assert exit_info.value.code == 2 and "--arch" in capsys.readouterr().err
     monkeypatch.setattr(convert_lora, "targets_for_arch", lambda arch, lora_sd: targets)
     diff_path = tmp_path / "diff.safetensors"
     convert_lora.main(["--input", str(out), "--output", str(diff_path), "--target", "diffusers", "--arch", "toy"])

@@ -55,16 +55,19 @@ def test_blank_and_comment_lines(line):
     assert parse_prompt_line(line) is None
 
 
-@pytest.mark.parametrize("steps,want", [("0", 1), ("5000", 1000), ("20", 20)])
-def test_steps_clamped(steps, want):
-    assert parse_prompt_line(f"x --s {steps}").steps == want
+@pytest.mark.parametrize("line,option", [
+    ("x --s 0", "--s"), ("x --s 5000", "--s"), ("x --w 0", "--w"), ("x --h -16", "--h"), ("x --f 0", "--f"),
+    ("x --w wide", "--w"), ("x --l nan", "--l"), ("x --d -1", "--d"), ("x --vs 0", "--vs"), ("x --zz 3", "--zz"),
+])
+def test_bad_option_or_value_is_an_error_naming_where_and_the_option(line, option):
+    # the reference skipped these with a warning (or clamped --s): a typo then went unnoticed until a sample
+    with pytest.raises(UserError) as err:
+        parse_prompt_line(line, where="p.txt line 4")
+    assert str(err.value).startswith(f"p.txt line 4: {option}")
 
 
-def test_unknown_option_and_bad_value_warn(caplog):
-    with caplog.at_level(logging.WARNING):
-        spec = parse_prompt_line("x --zz 3 --w wide --h 64")
-    assert spec.height == 64 and spec.width is None
-    assert "--zz" in caplog.text and "--w" in caplog.text
+def test_steps_in_range_are_kept():
+    assert parse_prompt_line("x --s 1").steps == 1 and parse_prompt_line("x --s 1000").steps == 1000
 
 
 def test_defaults_fill_missing_fields_and_are_not_mutated():
@@ -138,10 +141,10 @@ def test_toml_without_subsets(tmp_path):
 
 def test_json_file(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps([{"prompt": "a", "width": 128, "sample_steps": 2000, "control_image_path": "c.png"},
+    path.write_text(json.dumps([{"prompt": "a", "width": 128, "sample_steps": 200.0, "control_image_path": "c.png"},
                                 "b --h 96", "# comment"]), encoding="utf-8")
     a, b = load_prompt_file(path, PromptSpec(height=64))
-    assert (a.prompt, a.width, a.height, a.steps, a.control_image_paths) == ("a", 128, 64, 1000, ["c.png"])
+    assert (a.prompt, a.width, a.height, a.steps, a.control_image_paths) == ("a", 128, 64, 200, ["c.png"])
     assert (b.prompt, b.height, b.index) == ("b", 96, 1)
 
 
@@ -171,3 +174,16 @@ def test_interactive_reads_until_eof():
     specs = list(interactive_prompts(stream, PromptSpec(seed=9)))
     assert [(s.prompt, s.seed, s.width, s.index) for s in specs] == [("first", 3, None, 0), ("second", 9, 64, 1)]
     assert list(interactive_prompts(io.StringIO(""))) == []
+
+
+def test_prompt_file_errors_name_the_file_line_and_option(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# header\na cat --w 64\n\na dog --w 0 --h 64\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"prompts.txt line 4: --w '0': must be >= 1"):
+        load_prompt_file(path)
+
+
+def test_interactive_reports_a_bad_line_and_goes_on(capsys):
+    specs = list(interactive_prompts(io.StringIO("first --s 0\nsecond --s 2\n")))
+    assert [(s.prompt, s.steps) for s in specs] == [("second", 2)]
+    assert "input line 1: --s" in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """Common training flags: reference defaults, validation errors, --config_file."""
 
-import argparse
 import pathlib
 
 import pytest
@@ -9,10 +8,11 @@ from musubi_tuner.errors import UserError
 from musubi_tuner.training.args import add_common_training_arguments, attention_mode, int_or_float, validate_training_args
 from musubi_tuner.training.config_file import apply_config_file
 from musubi_tuner.training.logging_utils import MovingAverage, step_logs
+from musubi_tuner.utils.flag_types import FlagParser
 
 
 def parser():
-    return add_common_training_arguments(argparse.ArgumentParser())
+    return add_common_training_arguments(FlagParser(prog="train"))
 
 
 def parse(*argv):
@@ -74,9 +74,11 @@ def test_int_or_float(text, value):
     assert parsed == value and type(parsed) is type(value)
 
 
-def test_int_or_float_rejects_words():
-    with pytest.raises(SystemExit):
+def test_int_or_float_rejects_words_and_nan():
+    with pytest.raises(UserError, match="--lr_warmup_steps"):
         parse("--lr_warmup_steps", "ten")
+    with pytest.raises(UserError, match="--lr_warmup_steps.*finite"):
+        parse("--lr_warmup_steps", "nan")
 
 
 def test_attention():

@@ -133,16 +133,6 @@ class RecordingTrainer(NetworkTrainer):
         self.grads = {n: p.grad.clone() for n, p in self.network.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a run with another --mixed_precision needs it cleared."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_fp8_base_training_step(tmp_path, mixed_precision, fresh_accelerate_state):
     dit_path = tmp_path / "wan2.1_t2v_tiny.safetensors"

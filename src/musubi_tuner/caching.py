@@ -62,13 +62,18 @@ def _first_names(paths: list[Path], shown: int = 5) -> str:
 
 
 def add_common_caching_arguments(parser: argparse.ArgumentParser) -> None:
+    from musubi_tuner.utils.flag_types import device_name, positive_int
+
     parser.add_argument("--dataset_config", required=True, help="dataset TOML (reference schema)")
-    parser.add_argument("--batch_size", type=int, default=None, help="encoder batch size (default: the dataset's batch_size)")
-    parser.add_argument("--num_workers", type=int, default=None, help="threads decoding media (default: CPU count)")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="encoder batch size (default: the dataset's batch_size)")
+    parser.add_argument("--num_workers", type=positive_int, default=None, help="threads decoding media (default: CPU count)")
     parser.add_argument("--skip_existing", action="store_true", help="keep caches that already exist (incremental)")
     parser.add_argument("--keep_cache", action="store_true", help="do not delete caches of items no longer in the dataset")
-    parser.add_argument("--device", default=None, help="device for the encoders (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default=None, help="device for the encoders (default: cuda if available)")
     parser.add_argument("--strict", action="store_true", help="a missing or undecodable media file is fatal instead of skipped")
+    parser.add_argument("--disable_cudnn_backend", action="store_true",
+                        help="torch.backends.cudnn.enabled = False (may help on AMD GPUs)")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -189,16 +194,24 @@ def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSumma
 def caching_main(arch_name: str, purpose: str, argv: list[str] | None) -> CacheSummary:
     """Entry for `<arch>_cache_latents.py` / `<arch>_cache_text_encoder_outputs.py`."""
     from musubi_tuner.architectures import get_architecture
+    from musubi_tuner.caching_debug import add_debug_arguments, run_debug_preview
+    from musubi_tuner.utils.flag_types import FlagParser
 
     arch = get_architecture(arch_name)
-    parser = argparse.ArgumentParser(description=f"{arch_name}: cache {'latents' if purpose == 'cache_latents' else 'text encoder outputs'}")
+    parser = FlagParser(description=f"{arch_name}: cache {'latents' if purpose == 'cache_latents' else 'text encoder outputs'}")
     add_common_caching_arguments(parser)
     if purpose == "cache_latents":
         parser.add_argument("--vae", default=None, help="VAE checkpoint")
         parser.add_argument("--vae_dtype", default=None, help="VAE dtype (default bfloat16)")
+        add_debug_arguments(parser)
     arch.add_arguments(parser, purpose)
     args = parser.parse_args(argv)
     arch.validate_arguments(args, purpose)
+    if args.disable_cudnn_backend:
+        torch.backends.cudnn.enabled = False
+    if getattr(args, "debug_mode", None):
+        run_debug_preview(arch, args, load_datasets(arch, args))
+        return CacheSummary()
     if purpose == "cache_latents":
         summary = run_latent_caching(arch, args)
     elif purpose == "cache_text":

@@ -12,12 +12,13 @@ import logging
 from musubi_tuner.errors import UserError
 from musubi_tuner.networks.lora_files import FORMATS, NameIndex, convert_state_dict, load_lora_file, save_lora_file
 from musubi_tuner.networks.targets import LoraTarget
+from musubi_tuner.utils.flag_types import FlagParser
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description="Convert LoRA weights between the default, other and diffusers layouts"
     )
     parser.add_argument("--input", required=True, help="input LoRA file (any supported layout)")
@@ -70,7 +71,7 @@ def _name_index(args: argparse.Namespace, lora_sd: dict) -> NameIndex:
     return NameIndex(names, targets)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     sd, metadata = load_lora_file(args.input)
     logger.info("converting %s to %s", args.input, args.target)
@@ -82,7 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("saved %s (%d tensors)", args.output, len(converted))
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: a user error is one line on stderr and exit code 2, not a traceback."""
     from musubi_tuner.cli import run_cli
 
-    run_cli(main)
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

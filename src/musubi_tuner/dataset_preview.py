@@ -13,11 +13,13 @@ from musubi_tuner.cli import run_cli
 def build_parser() -> argparse.ArgumentParser:
     from musubi_tuner.architectures import architecture_names
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from musubi_tuner.utils.flag_types import FlagParser, non_negative_int
+
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_config", required=True, help="dataset config (.toml or .json)")
     parser.add_argument("--arch", required=True, choices=architecture_names(), help="architecture the caches are for")
     parser.add_argument("--strict", action="store_true", help="a missing or undecodable media file is an error")
-    parser.add_argument("--max_items", type=int, default=20, help="items listed per dataset (default 20)")
+    parser.add_argument("--max_items", type=non_negative_int, default=20, help="items listed per dataset (default 20)")
     return parser
 
 

@@ -12,25 +12,26 @@ import torch
 
 from musubi_tuner.errors import UserError
 from musubi_tuner.inference.lora_merge import merge_lora_files
+from musubi_tuner.utils.flag_types import FlagParser, device_name, finite_float, positive_int
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Merge LoRA weights into a DiT checkpoint (original/ComfyUI layout)")
+    parser = FlagParser(description="Merge LoRA weights into a DiT checkpoint (original/ComfyUI layout)")
     parser.add_argument("--dit", required=True, help="DiT checkpoint in the original layout (.safetensors or .pt/.pth)")
-    parser.add_argument("--dit_in_channels", type=int, default=None, help="accepted for compatibility; not needed")
+    parser.add_argument("--dit_in_channels", type=positive_int, default=None, help="accepted for compatibility; not needed")
     parser.add_argument("--lora_weight", nargs="+", required=True, help="LoRA file(s), any supported layout")
     parser.add_argument(
-        "--lora_multiplier", nargs="+", type=float, default=[1.0], help="multiplier per LoRA (missing ones are 1.0)"
+        "--lora_multiplier", nargs="+", type=finite_float, default=[1.0], help="multiplier per LoRA (missing ones are 1.0)"
     )
     parser.add_argument("--save_merged_model", required=True, help="output checkpoint path")
-    parser.add_argument("--device", default=None, help="device for the merge math, e.g. cuda (default cpu)")
+    parser.add_argument("--device", type=device_name, default=None, help="device for the merge math, e.g. cuda (default cpu)")
     parser.add_argument("--arch", default=None, help="only for diffusers-layout LoRAs: the architecture to map names")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     if len(args.lora_multiplier) > len(args.lora_weight):
         raise UserError(
@@ -55,7 +56,12 @@ def main(argv: list[str] | None = None) -> None:
                      device=device)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: a user error is one line on stderr and exit code 2, not a traceback."""
     from musubi_tuner.cli import run_cli
 
-    run_cli(main)
+    run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from torch import nn
 
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
+from musubi_tuner.errors import UserError
 from musubi_tuner.networks.targets import LoraTarget
 
 
@@ -145,6 +146,24 @@ class Architecture:
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         """Shape (without batch) of the noise for one sample."""
         raise self._missing("latent_shape")
+
+    def request_size_problems(self, width: int, height: int, frames: int) -> dict[str, str]:
+        """Why this size cannot be generated, per request field (`width`/`height`/`frames`) -> reason; {} when
+        it can. Used to check every prompt line and size flag before any model loads. Default: sides are positive
+        multiples of the bucket step; frames are 4N+1 style (`frame_stride`), or exactly 1 for image-only families."""
+        step, stride = self.traits.bucket_step, self.traits.frame_stride
+        problems = {field: f"must be a positive multiple of {step}, got {value}"
+                    for field, value in (("height", height), ("width", width)) if value <= 0 or value % step}
+        if stride is None and frames != 1:
+            problems["frames"] = f"{self.name} makes single images; got {frames} frames (drop the frame option)"
+        elif stride is not None and (frames < 1 or (frames - 1) % stride):
+            problems["frames"] = f"must be {stride}N+1 (1, {stride + 1}, {2 * stride + 1}, ...), got {frames}"
+        return problems
+
+    def check_request_size(self, width: int, height: int, frames: int, names: dict[str, str]) -> None:
+        """Raise UserError for the first size problem, naming what set the field (names: field -> flag/option)."""
+        for field, reason in self.request_size_problems(width, height, frames).items():
+            raise UserError(f"{names.get(field, field)}: {reason}")
 
     def generation_conditioning(self, encoders: Any, request: Any, latent_shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
         """Extra batch entries for image/control conditioning (I2V image latents, Kontext control)."""

@@ -40,6 +40,11 @@ def model_range_to_pixels(video: torch.Tensor) -> torch.Tensor:
 
 
 def dit_compute_dtype(dit: nn.Module) -> torch.dtype:
-    """The dtype a DiT's inputs should have: its float weights' dtype, bf16 when they are stored in fp8."""
-    dtype = next(p for p in dit.parameters() if p.is_floating_point()).dtype
+    """The dtype a DiT's inputs should have: its float weights' dtype, bf16 when they are stored in fp8.
+
+    Modules the diffusers class keeps in fp32 (`_keep_in_fp32_modules`: Wan's `scale_shift_table`, norms, time
+    embedder) do not count: Wan's first parameter is such a table, which made a bf16 DiT get fp32 inputs."""
+    keep = set(getattr(dit, "_keep_in_fp32_modules", None) or ())
+    weights = [p for name, p in dit.named_parameters() if p.is_floating_point() and keep.isdisjoint(name.split("."))]
+    dtype = (weights or [next(p for p in dit.parameters() if p.is_floating_point())])[0].dtype
     return torch.bfloat16 if dtype.itemsize == 1 else dtype

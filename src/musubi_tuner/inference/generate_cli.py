@@ -17,7 +17,6 @@ from musubi_tuner.inference.generate import (
     free_memory,
     generation_metadata,
     render,
-    resolve_spec,
     sample_solver_for,
 )
 from musubi_tuner.inference.prompts import PromptSpec
@@ -26,36 +25,53 @@ logger = logging.getLogger(__name__)
 
 # Parsed for compatibility with reference command lines; using them is an error until implemented.
 NOT_YET_SUPPORTED = ("fp8_fast", "lycoris")
+# Parsed for compatibility; nothing to act on here, so a non-default value gets a warning.
+NO_EFFECT = {
+    "use_pinned_memory_for_block_swap": (False, "swapped blocks are always kept in pinned memory on CUDA"),
+    "disable_numpy_memmap": (False, "checkpoints are always memory-mapped through safetensors"),
+    "lazy_loading": (False, "the one DiT is loaded only after the text encoders are freed"),
+}
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    from musubi_tuner.training.args import add_compile_arguments
+    from musubi_tuner.utils.flag_types import device_name, finite_float, non_negative_float, non_negative_int, \
+        positive_int, seed_int
+
     parser.add_argument("--dit", default=None, help="DiT checkpoint (original/ComfyUI layout)")
     parser.add_argument("--vae", default=None, help="VAE checkpoint")
     parser.add_argument("--vae_dtype", default=None, help="VAE dtype (default bfloat16)")
     parser.add_argument("--lora_weight", nargs="*", default=[], help="LoRA files (any layout) merged before sampling")
-    parser.add_argument("--lora_multiplier", nargs="*", type=float, default=[], help="one per --lora_weight (default 1.0)")
+    parser.add_argument("--lora_multiplier", nargs="*", type=finite_float, default=[], help="one per --lora_weight (default 1.0)")
     parser.add_argument("--include_patterns", nargs="*", default=None, help="regexes: merge only matching LoRA modules")
     parser.add_argument("--exclude_patterns", nargs="*", default=None, help="regexes: skip matching LoRA modules")
     parser.add_argument("--save_merged_model", default=None, help="write the DiT with LoRAs merged (original layout) and exit")
     parser.add_argument("--prompt", default=None, help="prompt (may carry inline options like --w/--h/--d)")
     parser.add_argument("--negative_prompt", default=None, help="negative prompt (default: the model's)")
-    parser.add_argument("--infer_steps", type=int, default=None, help="denoising steps")
+    parser.add_argument("--infer_steps", type=positive_int, default=None, help="denoising steps")
     parser.add_argument("--save_path", default=None, help="output folder")
-    parser.add_argument("--seed", type=int, default=None, help="seed (random when omitted)")
+    parser.add_argument("--seed", type=seed_int, default=None, help="seed (random when omitted)")
     parser.add_argument("--cpu_noise", action="store_true",
                         help="accepted for compatibility: noise is always drawn on the CPU, so a seed gives the same "
                              "output on every device (as ComfyUI)")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--flow_shift", type=float, default=None, help="flow-matching shift")
+    parser.add_argument("--guidance_scale", type=finite_float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--flow_shift", type=non_negative_float, default=None,
+                        help="flow-matching shift (0: resolution-dependent, as FLUX)")
     parser.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "vanilla"],
                         help="sampler (default: the model's, as the reference: unipc for Wan, vanilla (Euler) for FLUX)")
     parser.add_argument("--fp8", action="store_true", help="store the DiT's block Linear weights in float8_e4m3fn")
     parser.add_argument("--fp8_scaled", action="store_true")
     parser.add_argument("--fp8_fast", action="store_true")
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--attn_mode", default="torch", help="attention backend: torch/sdpa, flash, flash3, xformers, sageattn")
-    parser.add_argument("--blocks_to_swap", type=int, default=None)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--blocks_to_swap", type=non_negative_int, default=None)
+    parser.add_argument("--use_pinned_memory_for_block_swap", action="store_true",
+                        help="accepted for compatibility: swapped blocks always use pinned memory on CUDA")
+    parser.add_argument("--disable_numpy_memmap", action="store_true",
+                        help="accepted for compatibility: checkpoints are always memory-mapped through safetensors")
+    parser.add_argument("--lazy_loading", action="store_true",
+                        help="accepted for compatibility: the DiT is always loaded after the text encoders are freed")
+    add_compile_arguments(parser)
     parser.add_argument("--lycoris", action="store_true")
     parser.add_argument("--output_type", default="video", choices=["video", "images", "latent", "both", "latent_images"])
     parser.add_argument("--no_metadata", action="store_true", help="do not write prompt/seed metadata into latent files")
@@ -96,11 +112,11 @@ class GenerationSession:
             enable_block_swap(self.dit, self.args.blocks_to_swap, self.device)
         elif on_cpu:
             self.dit.to(self.device)
-        from musubi_tuner.memory.attention import apply_attention_backend, compile_dit
+        from musubi_tuner.memory.attention import apply_attention_backend, compile_dit_from_flags
 
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")
         if self.args.compile:
-            compile_dit(self.dit)
+            compile_dit_from_flags(self.dit, self.args)
         return self.dit
 
     def encode_all(self, specs: list[PromptSpec]) -> list[tuple[dict, dict | None]]:
@@ -129,6 +145,7 @@ class GenerationSession:
         frames = None
         if self.args.output_type != "latent":
             frames = self.arch.decode_latents(self.latent_encoders, latents)[0]
+            frames = trim_tail_frames(frames, getattr(self.args, "trim_tail_frames", 0))
         metadata = None if (self.args.no_metadata or spec is None) else generation_metadata(spec)
         paths = write_outputs(self.args.output_type, frames, latents[0].cpu(), self.args.save_path,
                               spec.seed if spec else seed, self.arch.output_fps(self.args), metadata)
@@ -137,19 +154,52 @@ class GenerationSession:
         return paths
 
 
+def trim_tail_frames(frames: torch.Tensor, count: int) -> torch.Tensor:
+    """--trim_tail_frames: drop the last `count` decoded frames (the reference's fix for a corrupted tail when an
+    end image is used); the latent file keeps every frame, as in the reference."""
+    if not count:
+        return frames
+    if count >= frames.shape[0]:
+        raise UserError(f"--trim_tail_frames {count} would remove all {frames.shape[0]} frames; use a smaller value")
+    return frames[:-count]
+
+
 def requests(arch: Architecture, args: argparse.Namespace) -> Iterable[PromptSpec]:
-    """The prompts to render: --from_file, --interactive, or the single --prompt (inline options allowed)."""
+    """The prompts to render: --from_file, --interactive, or the single --prompt (inline options allowed).
+    Except in interactive mode, every request is parsed and checked here, before any model loads."""
+    from musubi_tuner.inference.prompt_checks import checked_requests
     from musubi_tuner.inference.prompts import interactive_prompts, load_prompt_file, parse_prompt_line
 
     defaults = arch.prompt_spec_from_args(args)
     if args.from_file:
-        return load_prompt_file(args.from_file, defaults)
+        return checked_requests(arch, load_prompt_file(args.from_file, defaults), args)
     if args.interactive:
         return interactive_prompts(defaults=defaults)
     if not args.prompt:
         raise UserError("nothing to generate: pass --prompt, --from_file or --interactive (or --latent_path to decode)")
-    spec = parse_prompt_line(args.prompt, defaults)
-    return [spec] if spec is not None else []
+    spec = parse_prompt_line(args.prompt, defaults, where="--prompt")
+    return checked_requests(arch, [spec] if spec is not None else [], args)
+
+
+LATENT_NDIMS = (3, 4)
+"""A saved latent is (C, H, W) or (C, F, H, W) under the key `latent` (ours and the reference's)."""
+
+
+def check_latent_files(paths: list[str]) -> None:
+    """--latent_path: every file is a latent written with --output_type latent, checked from its header."""
+    from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint, sample_keys
+    from musubi_tuner.models.checkpoint_io import read_safetensors_keys, strip_prefix
+
+    for path in paths:
+        if not str(path).lower().endswith(".safetensors"):
+            raise UserError(f"--latent_path {path}: expected a .safetensors latent written with --output_type latent")
+        shapes = read_safetensors_keys(path, flag="--latent_path")
+        shape = shapes.get("latent")
+        if shape is None or len(shape) not in LATENT_NDIMS:
+            kind = describe_checkpoint(strip_prefix(shapes))
+            what = f"it looks like {kind}" if kind else f"it holds {sample_keys(shapes)}"
+            raise UserError(f"--latent_path {path}: not a latent saved by a generate script ({what}); pass a "
+                            "*_latent.safetensors written with --output_type latent or both")
 
 
 def decode_latent_files(session: GenerationSession, paths: list[str]) -> None:
@@ -160,17 +210,37 @@ def decode_latent_files(session: GenerationSession, paths: list[str]) -> None:
         session.write(latent[None].float(), None, seed=metadata.get("seeds", Path(path).stem))
 
 
+def run_interactive(session: GenerationSession, specs: Iterable[PromptSpec]) -> None:
+    """Typed prompts, each checked as it comes; a bad one is reported and the session goes on."""
+    import sys
+
+    from musubi_tuner.inference.prompt_checks import check_request
+    from musubi_tuner.inference.prompts import PromptOptionError
+
+    session.load_dit()
+    for spec in specs:
+        try:
+            resolved = check_request(session.arch, spec, session.args)
+        except PromptOptionError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        session.generate(resolved)
+
+
 def generate_main(arch_name: str, argv: list[str] | None) -> None:
     from musubi_tuner.architectures import get_architecture
 
     arch = get_architecture(arch_name)
-    parser = argparse.ArgumentParser(description=f"{arch_name}: generate with a LoRA")
+    from musubi_tuner.utils.flag_types import FlagParser, warn_flags_without_effect
+
+    parser = FlagParser(description=f"{arch_name}: generate with a LoRA")
     add_generation_arguments(parser)
     arch.add_arguments(parser, "generate")
     args = parser.parse_args(argv)
     used = [f"--{n}" for n in NOT_YET_SUPPORTED if getattr(args, n, None) not in (None, False)]
     if used:
         raise UserError(f"{', '.join(used)}: not supported by this version yet; remove the flag")
+    warn_flags_without_effect(args, NO_EFFECT)
     if args.fp8_scaled and not args.fp8:
         raise UserError("--fp8_scaled needs --fp8")
     if len(args.lora_multiplier) > len(args.lora_weight):
@@ -186,9 +256,9 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
         check_output_file(args.save_merged_model, "--save_merged_model")
     else:
         check_output_dir(args.save_path, "--save_path")
-    session = GenerationSession(arch, args) if not args.save_merged_model else None
     if args.latent_path:
-        decode_latent_files(session, args.latent_path)
+        check_latent_files(args.latent_path)
+        decode_latent_files(GenerationSession(arch, args), args.latent_path)
         return
     if args.save_merged_model:
         from musubi_tuner.inference.lora_merge import save_merged_model
@@ -196,11 +266,10 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
         save_merged_model(arch, args)
         return
     if args.interactive:
-        session.load_dit()
-        for spec in requests(arch, args):
-            session.generate(resolve_spec(arch, spec, args))
+        run_interactive(GenerationSession(arch, args), requests(arch, args))
         return
-    specs = [resolve_spec(arch, spec, args) for spec in requests(arch, args)]
+    specs = list(requests(arch, args))  # all parsed and checked before any model loads
+    session = GenerationSession(arch, args)
     conditions = session.encode_all(specs)
     session.load_dit()
     for spec, condition in zip(specs, conditions):

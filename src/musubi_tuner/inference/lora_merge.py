@@ -69,6 +69,17 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
         logger.info("merged LoRA %s (%d modules, multiplier %s)", path, len(network.loras), multiplier)
 
 
+def refuse_non_dit(path: str, keys) -> None:
+    """A VAE, text encoder or LoRA passed as --dit: say what the file looks like (unrecognised files go on)."""
+    from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint
+    from musubi_tuner.models.checkpoint_io import strip_prefix
+
+    kind = describe_checkpoint(strip_prefix(dict.fromkeys(keys)))
+    if kind is not None and "DiT" not in kind:
+        raise CheckpointError(f"--dit {path}: this looks like {kind}, not a DiT; pass the diffusion model "
+                              "(e.g. wan2.1_t2v_1.3B_bf16.safetensors, flux1-kontext-dev.safetensors) as --dit")
+
+
 def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[float], output: str, *,
                      targets=None, device=None, include: Sequence[str] | None = None,
                      exclude: Sequence[str] | None = None) -> None:
@@ -80,6 +91,7 @@ def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[
     loras = [filter_lora_modules(load_finite_lora(path), include, exclude) for path in lora_paths]  # before the DiT
     logger.info("loading %s", dit)
     base = load_state_dict(dit, flag="--dit")
+    refuse_non_dit(dit, base.keys())
     for path, lora, multiplier in zip(lora_paths, loras, _multipliers(lora_paths, multipliers)):
         try:  # one at a time (the merge is in place, so the result is the same) to name the failing file
             merge_lora_into_original_state_dict(base, lora, multiplier, targets, device)

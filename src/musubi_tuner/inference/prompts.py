@@ -6,6 +6,7 @@ Line syntax (reference sample-prompt syntax): `a cat walks --w 832 --h 480 --f 8
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.utils.flag_types import finite_float, positive_int, seed_int
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class PromptSpec:
     seed: int | None = None
     """--d"""
     steps: int | None = None
-    """--s, clamped to 1..1000."""
+    """--s, 1..1000."""
     guidance_scale: float | None = None
     """--l: classifier-free guidance scale."""
     embedded_guidance: float | None = None
@@ -63,10 +65,19 @@ class PromptSpec:
     """--vs (FramePack)."""
     index: int = 0
     """Position in the prompt file (names sample files)."""
+    source: str = field(default="", compare=False)
+    """Where the request came from (`prompts.txt line 3`), for error messages."""
+
+
+class PromptOptionError(UserError):
+    """A prompt line/entry with a bad option or value; names the file, the line and the option."""
 
 
 def _steps(value: str) -> int:
-    return max(MIN_STEPS, min(MAX_STEPS, int(value)))
+    steps = positive_int(value)
+    if steps > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be in {MIN_STEPS}..{MAX_STEPS}, got {steps}")
+    return steps
 
 
 def _text(value: str) -> str:
@@ -75,14 +86,14 @@ def _text(value: str) -> str:
 
 # option -> (PromptSpec field, converter). Repeatable options append to a list field.
 LINE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "w": ("width", int),
-    "h": ("height", int),
-    "f": ("frames", int),
-    "d": ("seed", int),
+    "w": ("width", positive_int),
+    "h": ("height", positive_int),
+    "f": ("frames", positive_int),
+    "d": ("seed", seed_int),
     "s": ("steps", _steps),
-    "l": ("guidance_scale", float),
-    "g": ("embedded_guidance", float),
-    "fs": ("flow_shift", float),
+    "l": ("guidance_scale", finite_float),
+    "g": ("embedded_guidance", finite_float),
+    "fs": ("flow_shift", finite_float),
     "n": ("negative_prompt", _text),
     "i": ("image_path", _text),
     "ei": ("end_image_path", _text),
@@ -91,8 +102,10 @@ LINE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "of": ("one_frame", _text),
     "im": ("image_mask_path", _text),
     "cim": ("control_image_mask_paths", _text),
-    "vs": ("video_sections", int),
+    "vs": ("video_sections", positive_int),
 }
+OPTION_OF_FIELD = {name: f"--{option}" for option, (name, _) in LINE_OPTIONS.items()}
+"""PromptSpec field -> the in-line option that sets it (`width` -> `--w`), for error messages."""
 LIST_FIELDS = {"control_image_paths", "control_image_mask_paths"}
 
 
@@ -111,11 +124,13 @@ def _set(spec: PromptSpec, name: str, value: Any) -> None:
         setattr(spec, name, value)
 
 
-def parse_prompt_line(line: str, defaults: PromptSpec | None = None, g_means_cfg: bool = False) -> PromptSpec | None:
+def parse_prompt_line(line: str, defaults: PromptSpec | None = None, g_means_cfg: bool = False,
+                      where: str = "prompt") -> PromptSpec | None:
     """Parse one prompt line; None for a blank line or a `#` comment.
 
-    Fields not given on the line come from `defaults`. Unknown options and bad values are logged as
-    warnings and skipped (as the reference does). `g_means_cfg=True` makes `--g` the CFG scale, as
+    Fields not given on the line come from `defaults`. An unknown option or a bad value raises
+    `PromptOptionError` naming `where` (`prompts.txt line 3`) and the option: the reference skipped them with a
+    warning, which hid typos until a sample came out wrong. `g_means_cfg=True` makes `--g` the CFG scale, as
     in the reference's Wan/FramePack generate scripts where `--g` and `--l` are the same.
     """
     line = line.strip()
@@ -124,6 +139,7 @@ def parse_prompt_line(line: str, defaults: PromptSpec | None = None, g_means_cfg
     parts = line.split(" --")
     spec = _start(defaults)
     spec.prompt = parts[0].strip()
+    spec.source = where
     lists_seen: set[str] = set()
     for part in parts[1:]:
         if not part.strip():
@@ -133,14 +149,13 @@ def parse_prompt_line(line: str, defaults: PromptSpec | None = None, g_means_cfg
         if g_means_cfg and option == "g":
             option = "l"
         if option not in LINE_OPTIONS:
-            logger.warning("unknown prompt option --%s ignored in: %s", option, line)
-            continue
+            known = " ".join(f"--{o}" for o in LINE_OPTIONS)
+            raise PromptOptionError(f"{where}: --{option}: unknown option; the options are {known}")
         name, convert = LINE_OPTIONS[option]
         try:
             converted = convert(value.strip())
-        except ValueError:
-            logger.warning("bad value %r for prompt option --%s ignored in: %s", value.strip(), option, line)
-            continue
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise PromptOptionError(f"{where}: --{option} {value.strip()!r}: {exc}") from None
         if name in LIST_FIELDS and name not in lists_seen:
             setattr(spec, name, [])  # options on the line replace the defaults' list
             lists_seen.add(name)
@@ -170,8 +185,7 @@ DICT_KEYS: dict[str, str] = {
     "control_image_mask_path": "control_image_mask_paths",
     "video_sections": "video_sections",
 }
-_FIELD_TYPES = {"width": int, "height": int, "frames": int, "seed": int, "steps": _steps, "video_sections": int,
-                "guidance_scale": float, "embedded_guidance": float, "flow_shift": float}
+_FIELD_TYPES = {name: convert for name, convert in LINE_OPTIONS.values() if convert is not _text}
 
 
 def prompt_from_dict(
@@ -179,6 +193,7 @@ def prompt_from_dict(
 ) -> PromptSpec:
     """A PromptSpec from a .toml/.json prompt dict (reference key names); bad values raise UserError."""
     spec = _start(defaults)
+    spec.source = where
     lists_seen: set[str] = set()
     for key, value in data.items():
         if key in ("subset", "enum"):
@@ -194,11 +209,15 @@ def prompt_from_dict(
                     setattr(spec, name, [])
                     lists_seen.add(name)
             elif name in _FIELD_TYPES:
-                value = _FIELD_TYPES[name](value)
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ValueError(f"expected a number, got {type(value).__name__}")
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)  # TOML/JSON `20.0` is the step count 20
+                value = _FIELD_TYPES[name](str(value))
             else:
                 value = str(value)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{where}: key {key!r} has a bad value {value!r} ({exc})") from exc
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise PromptOptionError(f"{where}: key {key!r} has a bad value {value!r} ({exc})") from None
         _set(spec, name, value)
     return spec
 
@@ -252,7 +271,8 @@ def load_prompt_file(
     specs: list[PromptSpec] = []
     for n, entry in enumerate(entries):
         if isinstance(entry, str):
-            spec = parse_prompt_line(entry, defaults, g_means_cfg=g_means_cfg)
+            where = f"{path} line {n + 1}" if suffix == ".txt" else f"{path} entry {n}"
+            spec = parse_prompt_line(entry, defaults, g_means_cfg=g_means_cfg, where=where)
         elif isinstance(entry, dict):
             spec = prompt_from_dict(entry, defaults, where=f"{path} entry {n}")
         else:
@@ -294,8 +314,12 @@ def interactive_prompts(
     else:
         lines = iter(stream.readline, "")
     index = 0
-    for line in lines:
-        spec = parse_prompt_line(line, defaults, g_means_cfg=g_means_cfg)
+    for number, line in enumerate(lines, start=1):
+        try:
+            spec = parse_prompt_line(line, defaults, g_means_cfg=g_means_cfg, where=f"input line {number}")
+        except PromptOptionError as exc:  # a typo must not end a session whose models are loaded
+            print(f"error: {exc}", file=sys.stderr)
+            continue
         if spec is not None:
             spec.index = index
             index += 1

@@ -7,10 +7,12 @@ Files go to `<output_dir>/sample/` named `{output_name}_{e000001|000100}_{idx:02
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
@@ -33,20 +35,33 @@ logger = logging.getLogger(__name__)
 SAMPLE_DEFAULTS = PromptSpec(width=256, height=256, frames=1, steps=20, flow_shift=14.5)
 
 
-def resolve_sample_spec(arch: Architecture, spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
-    """As the reference: classifier-free guidance only when the line gives a negative prompt (--n)."""
+def sample_request(spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
+    """As the reference: classifier-free guidance only when the line gives a negative prompt (--n). A line without
+    a seed (--d) uses --seed, so samples of two runs can be compared."""
     if spec.negative_prompt is None:
         spec = replace(spec, negative_prompt="", guidance_scale=1.0)
-    return resolve_spec(arch, spec, args)
+    if spec.seed is None:
+        spec = replace(spec, seed=args.seed)
+    return spec
+
+
+def resolve_sample_spec(arch: Architecture, spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
+    return resolve_spec(arch, sample_request(spec, args), args)
+
+
+def load_sample_requests(arch: Architecture, args: argparse.Namespace) -> list[PromptSpec]:
+    """Every --sample_prompts entry parsed, resolved and checked; training calls this at start-up too, so a bad
+    line stops the run before any model loads, not at the first sample step."""
+    from musubi_tuner.inference.prompt_checks import checked_requests
+
+    specs = [sample_request(spec, args) for spec in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
+    return checked_requests(arch, specs, args)
 
 
 class TrainingSampler:
     def __init__(self, arch: Architecture, args: argparse.Namespace, device: torch.device):
         self.arch, self.args, self.device = arch, args, device
-        self.specs = [resolve_sample_spec(arch, s, args) for s in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
-        for spec in self.specs:
-            if spec.seed is None:
-                spec.seed = args.seed
+        self.specs = load_sample_requests(arch, args)
         text_encoders = arch.load_text_encoders(args, device)
         self.conditions = [encode_conditions(arch, text_encoders, spec) for spec in self.specs]
         del text_encoders
@@ -56,13 +71,16 @@ class TrainingSampler:
         self.folder = Path(args.output_dir) / "sample"
         logger.info("%d sample prompts ready", len(self.specs))
 
-    def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
+    def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None,
+            autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> list[Path]:
+        """Render every sample prompt with `dit`. autocast: the training step's (mixed precision), so a bf16/fp16
+        DiT with its fp32 LoRA samples as it trains; the VAE decodes outside it, in its own dtype."""
         from musubi_tuner.inference.outputs import write_outputs
 
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
         written: list[Path] = []
         for spec, (cond, uncond) in zip(self.specs, self.conditions):
-            with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG
+            with torch.random.fork_rng(devices=[]), autocast():  # sampling must not move the training RNG
                 latents = render(self.arch, dit, self.latent_encoders, spec, cond, uncond, self.settings, self.args)
             frames = self.arch.decode_latents(self.latent_encoders, latents)[0]
             stamp = datetime.now().strftime("%Y%m%d%H%M%S")

@@ -46,3 +46,14 @@ def compile_dit(dit: nn.Module, *, backend: str = "inductor", mode: str | None =
         kwargs["dynamic"] = dynamic
     dit.compile_repeated_blocks(**kwargs)
     logger.info("compiled the repeated blocks with %s", kwargs)
+
+
+def compile_dit_from_flags(dit: nn.Module, args) -> None:
+    """`--compile` with `--compile_backend/_mode/_dynamic/_fullgraph/_cache_size_limit` (training and generation)."""
+    import torch
+
+    if args.compile_cache_size_limit:
+        torch._dynamo.config.cache_size_limit = args.compile_cache_size_limit
+    dynamic = {"true": True, "false": False}.get(args.compile_dynamic or "auto")
+    compile_dit(dit, backend=args.compile_backend, mode=args.compile_mode, dynamic=dynamic,
+                fullgraph=args.compile_fullgraph)

@@ -84,17 +84,30 @@ def _load_safetensors(path: Path, dtype: torch.dtype | None, device: str | torch
                               "re-download it (an interrupted download leaves a truncated file)") from exc
 
 
+_GLOBAL_RE = re.compile(r"unsupported global:? (?:GLOBAL )?(\S+)", re.IGNORECASE)
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """A torch zip archive (`PK`) or a raw pickle stream (protocol opcode 0x80): something torch.save could write."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def _pickle_error(path: Path, flag: str | None, exc: Exception) -> CheckpointError:
-    """An object the weights-only unpickler refuses, or a file that is not a pickle at all."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
-    if not lines:
+    """The weights-only unpickler refused the file: code/objects in a real pickle, or not a pickle at all."""
+    found = _GLOBAL_RE.search(str(exc))
+    if found is None and not _looks_like_pickle(path):
         return CheckpointError(f"{_where(path, flag)}: not a readable PyTorch weights file; "
                                "is it complete? re-download it")
-    detail = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
+    detail = f" ({found.group(1).rstrip('.')})" if found else ""
     return CheckpointError(
-        f"{_where(path, flag)}: the file holds Python objects other than tensors ({detail}); pickles are only read "
-        "with weights_only=True for safety. Use the official weights file, or convert it to .safetensors on a "
-        "machine where you trust the file")
+        f"{_where(path, flag)}: contains code/objects that are not plain tensors{detail}; refusing to unpickle it "
+        "(pickles are only read with weights_only=True). Convert it to .safetensors on a machine where you trust "
+        "the file, or use the official weights file")
 
 
 def _torch_load(path: Path, device: str | torch.device, flag: str | None) -> object:

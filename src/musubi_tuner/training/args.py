@@ -9,9 +9,19 @@ own flags (`--t5`, `--task`, ...) on the same parser; they must not re-add the o
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 
 from musubi_tuner.errors import UserError
+from musubi_tuner.utils.flag_types import (
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+    unit_float,
+)
 
 TIMESTEP_SAMPLING_CHOICES = (
     "sigma",
@@ -47,6 +57,8 @@ def int_or_float(value: str) -> int | float:
         number = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio or a percentage") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
     # A whole number >= 1 is a step count; anything else is a ratio of the total steps.
     if number >= 1 and number.is_integer():
         return int(number)
@@ -76,7 +88,8 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split_attn", action="store_true", help="compute attention one batch item at a time")
 
 
-def _add_compile(p: argparse.ArgumentParser) -> None:
+def add_compile_arguments(p: argparse.ArgumentParser) -> None:
+    """torch.compile flags shared by the training and generate scripts (see memory/attention.compile_dit_from_flags)."""
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
     p.add_argument("--compile_backend", type=str, default="inductor")
     p.add_argument(
@@ -87,7 +100,11 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile_dynamic", type=str, default=None, choices=["true", "false", "auto"])
     p.add_argument("--compile_fullgraph", action="store_true")
-    p.add_argument("--compile_cache_size_limit", type=int, default=None, help="torch._dynamo cache_size_limit")
+    p.add_argument("--compile_cache_size_limit", type=positive_int, default=None, help="torch._dynamo cache_size_limit")
+
+
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    add_compile_arguments(p)
     p.add_argument("--cuda_allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+")
     p.add_argument("--cuda_cudnn_benchmark", action="store_true")
     p.add_argument("--dynamo_backend", type=str, default="NO", choices=_dynamo_backends())
@@ -97,14 +114,14 @@ def _add_compile(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max_train_steps", type=int, default=1600, help="optimizer steps to train")
-    p.add_argument("--max_train_epochs", type=int, default=None, help="epochs to train (overrides --max_train_steps)")
-    p.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader workers (capped at CPU count)")
+    p.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps to train")
+    p.add_argument("--max_train_epochs", type=positive_int, default=None, help="epochs to train (overrides --max_train_steps)")
+    p.add_argument("--max_data_loader_n_workers", type=non_negative_int, default=8, help="DataLoader workers (capped at CPU count)")
     p.add_argument("--persistent_data_loader_workers", action="store_true")
-    p.add_argument("--seed", type=int, default=None, help="random seed (random when omitted)")
+    p.add_argument("--seed", type=seed_int, default=None, help="random seed (random when omitted)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     p.add_argument(
         "--save_precision",
@@ -127,15 +144,15 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ddp(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ddp_timeout", type=int, default=None, help="minutes; accelerate's default when omitted")
+    p.add_argument("--ddp_timeout", type=positive_int, default=None, help="minutes; accelerate's default when omitted")
     p.add_argument("--ddp_gradient_as_bucket_view", action="store_true")
     p.add_argument("--ddp_static_graph", action="store_true")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sample_every_n_steps", type=int, default=None)
+    p.add_argument("--sample_every_n_steps", type=positive_int, default=None)
     p.add_argument("--sample_at_first", action="store_true", help="sample before the first step")
-    p.add_argument("--sample_every_n_epochs", type=int, default=None, help="overrides --sample_every_n_steps")
+    p.add_argument("--sample_every_n_epochs", type=positive_int, default=None, help="overrides --sample_every_n_steps")
     p.add_argument("--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json)")
 
 
@@ -149,18 +166,18 @@ def _add_optimizer(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optimizer_args", type=str, default=None, nargs="*", help='e.g. "weight_decay=0.01 betas=0.9,0.999"'
     )
-    p.add_argument("--learning_rate", type=float, default=2.0e-6)
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm; 0 disables")
+    p.add_argument("--learning_rate", type=non_negative_float, default=2.0e-6)
+    p.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="gradient clipping norm; 0 disables")
 
 
 def _add_lr_scheduler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr_scheduler", type=str, default="constant", help="constant, linear, cosine, rex, ... (see docs)")
     p.add_argument("--lr_warmup_steps", type=int_or_float, default=0, help="steps, or ratio (<1) of total steps")
     p.add_argument("--lr_decay_steps", type=int_or_float, default=0, help="steps, or ratio (<1) of total steps")
-    p.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    p.add_argument("--lr_scheduler_power", type=float, default=1)
-    p.add_argument("--lr_scheduler_timescale", type=int, default=None, help="inverse_sqrt timescale")
-    p.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None)
+    p.add_argument("--lr_scheduler_num_cycles", type=positive_int, default=1)
+    p.add_argument("--lr_scheduler_power", type=finite_float, default=1)
+    p.add_argument("--lr_scheduler_timescale", type=positive_int, default=None, help="inverse_sqrt timescale")
+    p.add_argument("--lr_scheduler_min_lr_ratio", type=unit_float, default=None)
     p.add_argument("--lr_scheduler_type", type=str, default="", help="custom scheduler class (module.Class)")
     p.add_argument("--lr_scheduler_args", type=str, default=None, nargs="*", help='e.g. "T_max=100"')
 
@@ -168,27 +185,27 @@ def _add_lr_scheduler(p: argparse.ArgumentParser) -> None:
 def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8_base", action="store_true", help="store the base DiT in fp8")
     p.add_argument("--fp8_scaled", action="store_true", help="scaled fp8 (needs --fp8_base)")
-    p.add_argument("--blocks_to_swap", type=int, default=None, help="DiT blocks kept on CPU and swapped in")
+    p.add_argument("--blocks_to_swap", type=non_negative_int, default=None, help="DiT blocks kept on CPU and swapped in")
     p.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
     p.add_argument("--block_swap_h2d_only", action="store_true")
-    p.add_argument("--block_swap_ring_size", type=int, default=2)
+    p.add_argument("--block_swap_ring_size", type=positive_int, default=2)
     p.add_argument("--img_in_txt_in_offloading", action="store_true", help="HunyuanVideo: offload img_in/txt_in")
     p.add_argument("--disable_numpy_memmap", action="store_true")
 
 
 def _add_timesteps(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guidance_scale", type=float, default=1.0, help="embedded guidance (HunyuanVideo)")
+    p.add_argument("--guidance_scale", type=finite_float, default=1.0, help="embedded guidance (HunyuanVideo)")
     p.add_argument("--timestep_sampling", choices=list(TIMESTEP_SAMPLING_CHOICES), default="sigma")
-    p.add_argument("--discrete_flow_shift", type=float, default=1.0)
-    p.add_argument("--sigmoid_scale", type=float, default=1.0)
+    p.add_argument("--discrete_flow_shift", type=positive_float, default=1.0)
+    p.add_argument("--sigmoid_scale", type=positive_float, default=1.0)
     p.add_argument("--weighting_scheme", type=str, default="none", choices=list(WEIGHTING_SCHEME_CHOICES))
-    p.add_argument("--logit_mean", type=float, default=0.0)
-    p.add_argument("--logit_std", type=float, default=1.0)
-    p.add_argument("--mode_scale", type=float, default=1.29)
-    p.add_argument("--min_timestep", type=int, default=None, help="0..999 (default 0)")
-    p.add_argument("--max_timestep", type=int, default=None, help="1..1000 (default 1000)")
+    p.add_argument("--logit_mean", type=finite_float, default=0.0)
+    p.add_argument("--logit_std", type=positive_float, default=1.0)
+    p.add_argument("--mode_scale", type=finite_float, default=1.29)
+    p.add_argument("--min_timestep", type=non_negative_int, default=None, help="0..999 (default 0)")
+    p.add_argument("--max_timestep", type=positive_int, default=None, help="1..1000 (default 1000)")
     p.add_argument("--preserve_distribution_shape", action="store_true", help="rejection-sample into the range")
-    p.add_argument("--num_timestep_buckets", type=int, default=None, help="stratified timesteps per epoch (>= 2)")
+    p.add_argument("--num_timestep_buckets", type=positive_int, default=None, help="stratified timesteps per epoch (>= 2)")
     p.add_argument("--show_timesteps", type=str, default=None, choices=["image", "console"])
 
 
@@ -196,29 +213,29 @@ def _add_network(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_metadata", action="store_true")
     p.add_argument("--network_weights", type=str, default=None, help="start from these LoRA weights")
     p.add_argument("--network_module", type=str, default=None)
-    p.add_argument("--network_dim", type=int, default=None)
-    p.add_argument("--network_alpha", type=float, default=1)
-    p.add_argument("--network_dropout", type=float, default=None)
+    p.add_argument("--network_dim", type=positive_int, default=None)
+    p.add_argument("--network_alpha", type=non_negative_float, default=1)
+    p.add_argument("--network_dropout", type=unit_float, default=None)
     p.add_argument("--network_args", type=str, default=None, nargs="*", help="key=value ...")
     p.add_argument("--training_comment", type=str, default=None)
     p.add_argument("--dim_from_weights", action="store_true")
-    p.add_argument("--scale_weight_norms", type=float, default=None)
+    p.add_argument("--scale_weight_norms", type=positive_float, default=None)
     p.add_argument("--base_weights", type=str, default=None, nargs="*")
-    p.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*")
+    p.add_argument("--base_weights_multiplier", type=finite_float, default=None, nargs="*")
 
 
 def _add_save_load(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", type=str, default=None)
     p.add_argument("--output_name", type=str, default=None)
     p.add_argument("--resume", type=str, default=None, help="state folder to resume from, or `auto` for the newest complete state of --output_name in --output_dir")
-    p.add_argument("--save_every_n_epochs", type=int, default=None)
-    p.add_argument("--save_every_n_steps", type=int, default=None)
-    p.add_argument("--save_last_n_epochs", type=int, default=None, help="keep this many epoch saves")
+    p.add_argument("--save_every_n_epochs", type=positive_int, default=None)
+    p.add_argument("--save_every_n_steps", type=positive_int, default=None)
+    p.add_argument("--save_last_n_epochs", type=positive_int, default=None, help="keep this many epoch saves")
     p.add_argument(
-        "--save_last_n_epochs_state", type=int, default=None, help="overrides --save_last_n_epochs for states"
+        "--save_last_n_epochs_state", type=positive_int, default=None, help="overrides --save_last_n_epochs for states"
     )
-    p.add_argument("--save_last_n_steps", type=int, default=None, help="keep step saves of the last N steps")
-    p.add_argument("--save_last_n_steps_state", type=int, default=None, help="overrides --save_last_n_steps for states")
+    p.add_argument("--save_last_n_steps", type=non_negative_int, default=None, help="keep step saves of the last N steps")
+    p.add_argument("--save_last_n_steps_state", type=non_negative_int, default=None, help="overrides --save_last_n_steps for states")
     p.add_argument("--save_state", action="store_true", help="also save optimizer/scheduler/RNG state")
     p.add_argument("--save_state_on_train_end", action="store_true")
 
@@ -276,12 +293,6 @@ def attention_mode(args: argparse.Namespace) -> str:
 # ---- validation -------------------------------------------------------------------------------
 
 
-def _at_least(args: argparse.Namespace, name: str, minimum: int | float) -> None:
-    value = getattr(args, name, None)
-    if value is not None and value < minimum:
-        raise UserError(f"--{name} must be >= {minimum}, got {value}")
-
-
 def _check_attention(args: argparse.Namespace) -> None:
     if getattr(args, "sage_attn", False):
         raise UserError(
@@ -303,14 +314,8 @@ def _check_steps_or_ratio(args: argparse.Namespace, name: str) -> None:
 
 
 def _check_saving(args: argparse.Namespace) -> None:
-    for name in ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps", "sample_every_n_epochs"):
-        _at_least(args, name, 1)
-    # An epoch count of 0 would delete the save just written; a step window of 0 keeps only the newest.
-    for name in ("save_last_n_epochs", "save_last_n_epochs_state"):
-        _at_least(args, name, 1)
-    for name in ("save_last_n_steps", "save_last_n_steps_state"):
-        _at_least(args, name, 0)
-    # Pruning counts back from the save interval, so it needs one.
+    # Ranges are checked by the flags' types: an epoch count of 0 would delete the save just written (so >= 1);
+    # a step window of 0 keeps only the newest (so >= 0). Pruning counts back from the save interval, so it needs one.
     for kind in ("epochs", "steps"):
         for name in (f"save_last_n_{kind}", f"save_last_n_{kind}_state"):
             if getattr(args, name, None) is not None and getattr(args, f"save_every_n_{kind}", None) is None:
@@ -325,11 +330,6 @@ def _check_timesteps(args: argparse.Namespace) -> None:
         raise UserError(f"--max_timestep must be in 1..1000, got {hi}")
     if (lo if lo is not None else 0) >= (hi if hi is not None else 1000):
         raise UserError(f"--min_timestep ({lo}) must be smaller than --max_timestep ({hi})")
-    if args.discrete_flow_shift <= 0:
-        raise UserError(f"--discrete_flow_shift must be > 0, got {args.discrete_flow_shift}")
-    if args.logit_std <= 0:
-        raise UserError(f"--logit_std must be > 0, got {args.logit_std}")
-    _at_least(args, "num_timestep_buckets", 1)
 
 
 def _check_unsupported(args: argparse.Namespace) -> None:
@@ -343,18 +343,10 @@ def validate_training_args(args: argparse.Namespace) -> None:
     """Check the common flags; raise `UserError` naming the first bad flag."""
     _check_unsupported(args)
     _check_attention(args)
-    for name in ("max_train_steps", "max_train_epochs", "gradient_accumulation_steps"):
-        _at_least(args, name, 1)
-    for name in ("max_data_loader_n_workers", "blocks_to_swap", "max_grad_norm"):
-        _at_least(args, name, 0)
-    _at_least(args, "block_swap_ring_size", 1)
-    if args.learning_rate is not None and args.learning_rate < 0:
-        raise UserError(f"--learning_rate must not be negative, got {args.learning_rate}")
+    # single-flag ranges are the flags' `type=` (utils/flag_types.py); here: what needs several flags
     _check_steps_or_ratio(args, "lr_warmup_steps")
     _check_steps_or_ratio(args, "lr_decay_steps")
     if args.fp8_scaled and not args.fp8_base:
         raise UserError("--fp8_scaled needs --fp8_base")
-    if args.network_dropout is not None and not 0 <= args.network_dropout <= 1:
-        raise UserError(f"--network_dropout must be in [0, 1], got {args.network_dropout}")
     _check_saving(args)
     _check_timesteps(args)

@@ -32,7 +32,9 @@ NO_EFFECT = {
 def build_parser(arch) -> argparse.ArgumentParser:
     from musubi_tuner.training.args import add_common_training_arguments
 
-    parser = argparse.ArgumentParser(description=f"{arch.script_prefix}: train a LoRA network")
+    from musubi_tuner.utils.flag_types import FlagParser
+
+    parser = FlagParser(description=f"{arch.script_prefix}: train a LoRA network")
     add_common_training_arguments(parser)
     arch.add_arguments(parser, "train")
     return parser
@@ -44,9 +46,9 @@ def check_not_yet_supported(args: argparse.Namespace) -> None:
         used.append("--dynamo_backend (use --compile, which compiles the transformer blocks)")
     if used:
         raise UserError(f"{', '.join(used)}: not supported by this version yet; remove the flag (see docs/training.md)")
-    for name, (default, why) in NO_EFFECT.items():
-        if getattr(args, name, default) != default:
-            logger.warning("--%s has no effect here: %s", name, why)
+    from musubi_tuner.utils.flag_types import warn_flags_without_effect
+
+    warn_flags_without_effect(args, NO_EFFECT)
 
 
 def check_output_name(name: str) -> None:
@@ -73,6 +75,10 @@ def parse_training_args(arch, argv: list[str] | None) -> argparse.Namespace:
         args.network_module = arch.network_module
     if args.network_dim is None and not args.dim_from_weights:
         args.network_dim = 4
+    if args.sample_prompts:
+        from musubi_tuner.inference.training_samples import load_sample_requests
+
+        load_sample_requests(arch, args)  # every line checked now, not when its sample step comes
     return args
 
 

@@ -183,13 +183,9 @@ class NetworkTrainer:
         self.network.to(self.device)
         self.network.train()
         if self.args.compile:  # after the LoRA wrappers are in place, so they are compiled with the blocks
-            from musubi_tuner.memory.attention import compile_dit
+            from musubi_tuner.memory.attention import compile_dit_from_flags
 
-            if self.args.compile_cache_size_limit:
-                torch._dynamo.config.cache_size_limit = self.args.compile_cache_size_limit
-            dynamic = {"true": True, "false": False}.get(self.args.compile_dynamic or "auto")
-            compile_dit(self.dit, backend=self.args.compile_backend, mode=self.args.compile_mode, dynamic=dynamic,
-                        fullgraph=self.args.compile_fullgraph)
+            compile_dit_from_flags(self.dit, self.args)
 
     def _build_optimizer(self) -> None:
         from musubi_tuner.training.lr_schedulers import build_lr_scheduler
@@ -525,8 +521,8 @@ class NetworkTrainer:
     def _sample(self, *, epoch: int | None = None, step: int | None = None) -> None:
         if self.samples is not None and self.accelerator.is_main_process:
             self.network.eval()  # no LoRA dropout while sampling
-            try:
-                self.samples.run(self.dit, epoch=epoch, step=step)
+            try:  # the DiT under the training step's autocast: the LoRA stays fp32 beside a bf16/fp16 DiT
+                self.samples.run(self.dit, epoch=epoch, step=step, autocast=self.accelerator.autocast)
             finally:
                 self.network.train()
 

@@ -62,6 +62,8 @@ class FluxKontextArchitecture(Architecture):
 
     # ---- flags -------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser, purpose: str) -> None:
+        from musubi_tuner.utils.flag_types import finite_float, positive_int
+
         if purpose in ("cache_text", "train", "generate"):
             parser.add_argument("--text_encoder1", default=None, help="T5-XXL text encoder (t5xxl_fp16.safetensors)")
             parser.add_argument("--text_encoder2", default=None, help="CLIP-L text encoder (clip_l.safetensors)")
@@ -73,13 +75,13 @@ class FluxKontextArchitecture(Architecture):
             parser.add_argument("--text_encoder_dtype", default=None,
                                 help="text encoder compute dtype (default bfloat16)")
         if purpose == "generate":
-            parser.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+            parser.add_argument("--image_size", type=positive_int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
                                 help="image height and width, multiples of 16 (default 1024 1024)")
             parser.add_argument("--control_image_path", default=None, help="control (reference) image to edit")
             parser.add_argument("--no_resize_control", action="store_true",
                                 help="keep the control image's size (cropped to multiples of 16) instead of "
                                      "resizing it to the nearest preferred Kontext resolution")
-            parser.add_argument("--embedded_cfg_scale", type=float, default=None,
+            parser.add_argument("--embedded_cfg_scale", type=finite_float, default=None,
                                 help="embedded (distilled) guidance scale (default 2.5)")
             # The reference writes images and samples with FLUX's Euler schedule.
             parser.set_defaults(output_type="images")
@@ -90,9 +92,9 @@ class FluxKontextArchitecture(Architecture):
         if args.output_type in ("video", "both"):
             raise UserError(f"--output_type {args.output_type}: FLUX.1 Kontext makes images; "
                             "use images, latent or latent_images")
-        if args.image_size is not None and any(v <= 0 or v % 16 for v in args.image_size):
-            raise UserError(f"--image_size {args.image_size[0]} {args.image_size[1]}: height and width must be "
-                            "positive multiples of 16")
+        if args.image_size is not None:
+            self.check_request_size(args.image_size[1], args.image_size[0], 1,
+                                    {"height": "--image_size HEIGHT", "width": "--image_size WIDTH"})
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -230,10 +232,7 @@ class FluxKontextArchitecture(Architecture):
 
     # ---- generation --------------------------------------------------------------------------------
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
-        if frames != 1:
-            raise UserError(f"FLUX.1 Kontext makes single images; got {frames} frames (drop --f / frame options)")
-        if width % 16 or height % 16:
-            raise UserError(f"image size {height}x{width}: height and width must be multiples of 16")
+        self.check_request_size(width, height, frames, {"height": "--image_size", "width": "--image_size"})
         return (LATENT_CHANNELS, height // 8, width // 8)
 
     def prompt_spec_from_args(self, args: argparse.Namespace):

@@ -31,6 +31,7 @@ TEXT_LENGTH = 512
 
 TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
 I2V_TASKS = ("i2v-14B", "flf2v-14B")
+SIZE_FLAGS = {"height": "--video_size", "width": "--video_size", "frames": "--video_length"}
 
 @dataclass
 class WanLatentEncoders:
@@ -71,6 +72,8 @@ class WanArchitecture(Architecture):
 
     # ---- flags -------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser, purpose: str) -> None:
+        from musubi_tuner.utils.flag_types import non_negative_int, positive_float, positive_int
+
         if purpose in ("train", "generate"):
             parser.add_argument("--task", default="t2v-14B", choices=TASKS, help="Wan2.1 task (model variant)")
         if purpose in ("cache_latents", "train", "generate"):
@@ -82,10 +85,14 @@ class WanArchitecture(Architecture):
             parser.add_argument("--i2v", action="store_true", help="also cache the first-frame conditioning for I2V training")
             parser.add_argument("--one_frame", action="store_true", help="one-frame training caches (not supported yet)")
         if purpose == "generate":
-            parser.add_argument("--video_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
-                                help="video height and width (default 480 832)")
-            parser.add_argument("--video_length", type=int, default=None, help="frames, 4N+1 (default 81; 1 = image)")
-            parser.add_argument("--fps", type=float, default=None, help="output frame rate (default 16)")
+            parser.add_argument("--video_size", type=positive_int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                                help="video height and width, multiples of 16 (default 480 832)")
+            parser.add_argument("--video_length", type=positive_int, default=None,
+                                help="frames, 4N+1 (default 81; 1 = image)")
+            parser.add_argument("--fps", type=positive_float, default=None, help="output frame rate (default 16)")
+            parser.add_argument("--trim_tail_frames", type=non_negative_int, default=0,
+                                help="drop the last N decoded frames from the saved video/images (the reference's fix "
+                                     "for a corrupted tail with --end_image_path); latents keep every frame")
             parser.add_argument("--image_path", default=None, help="start image (I2V / FLF2V)")
             parser.add_argument("--end_image_path", default=None, help="end image (FLF2V)")
         if purpose in ("cache_text", "train", "generate"):
@@ -105,8 +112,17 @@ class WanArchitecture(Architecture):
             elif args.i2v:  # Wan2.1 I2V training reads the CLIP context from the caches: fail now, not at training
                 raise UserError("--i2v needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (Wan2.1 "
                                 "I2V caches hold the CLIP image context); add --clip, or drop --i2v for T2V caches")
+        if purpose == "generate":
+            self._validate_generation_size(args)
         if purpose in ("train", "generate") and args.task in I2V_TASKS and not args.clip:
             logger.info("--task %s without --clip: the CLIP context must come from the latent caches", args.task)
+
+    def _validate_generation_size(self, args: argparse.Namespace) -> None:
+        height, width = args.video_size or (16, 16)  # a side left to the defaults is always valid
+        self.check_request_size(width, height, args.video_length or 1, SIZE_FLAGS)
+        if args.video_length and args.trim_tail_frames >= args.video_length:
+            raise UserError(f"--trim_tail_frames {args.trim_tail_frames} would remove all {args.video_length} frames "
+                            "of --video_length; use a smaller value")
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -274,10 +290,7 @@ class WanArchitecture(Architecture):
 
     # ---- generation --------------------------------------------------------------------------------
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
-        if width % 16 or height % 16:
-            raise UserError(f"--video_size {height} {width}: height and width must be multiples of 16")
-        if (frames - 1) % 4:
-            raise UserError(f"--video_length {frames}: Wan needs 4N+1 frames (e.g. 1, 5, ..., 81)")
+        self.check_request_size(width, height, frames, SIZE_FLAGS)
         return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
 
     def prompt_spec_from_args(self, args: argparse.Namespace):
