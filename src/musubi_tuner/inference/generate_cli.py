@@ -187,7 +187,7 @@ LATENT_NDIMS = (3, 4)
 
 def check_latent_files(paths: list[str]) -> None:
     """--latent_path: every file is a latent written with --output_type latent, checked from its header."""
-    from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint, sample_keys
+    from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
     from musubi_tuner.models.checkpoint_io import read_safetensors_keys, strip_prefix
 
     for path in paths:

@@ -71,7 +71,7 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
 
 def refuse_non_dit(path: str, keys) -> None:
     """A VAE, text encoder or LoRA passed as --dit: say what the file looks like (unrecognised files go on)."""
-    from musubi_tuner.architectures.wan.file_kinds import describe_checkpoint
+    from musubi_tuner.models.file_kinds import describe_checkpoint
     from musubi_tuner.models.checkpoint_io import strip_prefix
 
     kind = describe_checkpoint(strip_prefix(dict.fromkeys(keys)))

@@ -41,7 +41,7 @@ def sample_request(spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
     if spec.negative_prompt is None:
         spec = replace(spec, negative_prompt="", guidance_scale=1.0)
     if spec.seed is None:
-        spec = replace(spec, seed=args.seed)
+        spec = replace(spec, seed=getattr(args, "seed", None))
     return spec
 
 
