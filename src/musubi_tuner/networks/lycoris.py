@@ -54,6 +54,15 @@ def _check_shapes(module: AdapterModule, found: dict[str, torch.Tensor], where: 
                               "(other --network_dim or factor? use --dim_from_weights)")
 
 
+def _copy_in(module: AdapterModule, found: dict[str, torch.Tensor], alpha: torch.Tensor | None, where: str) -> None:
+    """Load a file's tensors (named as the module's parameters) and alpha into `module`, shapes checked."""
+    _check_shapes(module, found, where)
+    for key, value in found.items():
+        getattr(module, key).data.copy_(value)
+    value, module.scale = _alpha_and_scale(alpha, module.lora_dim)
+    module.alpha.fill_(value)
+
+
 class LoHaModule(AdapterModule):
     """LoHa for one original layer; see the module docstring."""
 
@@ -99,11 +108,7 @@ class LoHaModule(AdapterModule):
             raise CheckpointError(f"{where}: {self.lora_name} is not a LoHa module; load it with its own "
                                   "--network_module (networks.lora*/networks.lokr)")
         found = weights.tensors()
-        _check_shapes(self, found, where)
-        for key, value in found.items():
-            getattr(self, key).data.copy_(value)
-        alpha, self.scale = _alpha_and_scale(weights.alpha, self.lora_dim)
-        self.alpha.fill_(alpha)
+        _copy_in(self, found, weights.alpha, where)
 
     def scale_weights(self, ratio: float) -> None:
         for param in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b):
@@ -164,11 +169,7 @@ class LoKrModule(AdapterModule):
                                   f"{self.low_rank}); rebuild the network from the file with --dim_from_weights")
         found = {"lokr_w1": weights.w1}
         found.update({"lokr_w2_a": weights.w2_a, "lokr_w2_b": weights.w2_b} if self.low_rank else {"lokr_w2": weights.w2})
-        _check_shapes(self, found, where)
-        for key, value in found.items():
-            getattr(self, key).data.copy_(value)
-        alpha, self.scale = _alpha_and_scale(weights.alpha, self.lora_dim)
-        self.alpha.fill_(alpha)
+        _copy_in(self, found, weights.alpha, where)
 
     def scale_weights(self, ratio: float) -> None:
         share = ratio ** (1.0 / len(self._factors()))  # kron and matmul are multilinear: the factors share the ratio
