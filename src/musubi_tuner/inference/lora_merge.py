@@ -35,14 +35,15 @@ def load_finite_lora(path: str, flag: str = "--lora_weight") -> dict[str, torch.
 
 def filter_lora_modules(sd: dict[str, torch.Tensor], include: Sequence[str] | None,
                         exclude: Sequence[str] | None) -> dict[str, torch.Tensor]:
-    """Keep keys whose module stem (the part before `.lora_*`/`.alpha`) passes --include/--exclude_patterns."""
+    """Keep keys whose module stem (the part before `.lora_*`/`.hada_*`/`.lokr_*`/`.alpha`) passes
+    --include/--exclude_patterns."""
     if not include and not exclude:
         return sd
     inc = [re.compile(p) for p in include or []]
     exc = [re.compile(p) for p in exclude or []]
 
     def keep(key: str) -> bool:
-        stem = re.split(r"\.(lora_|alpha)", key)[0]
+        stem = re.split(r"\.(lora_|alpha|hada_|lokr_)", key)[0]
         if exc and any(p.search(stem) for p in exc):
             return False
         return not inc or any(p.search(stem) for p in inc)
@@ -53,7 +54,7 @@ def filter_lora_modules(sd: dict[str, torch.Tensor], include: Sequence[str] | No
 def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequence[str], multipliers: Sequence[float],
                          include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                          flag: str = "--lora_weight") -> None:
-    """W_part += multiplier * alpha/rank * up[part rows] @ down for every LoRA module, in the diffusers model.
+    """W_part += multiplier * delta[part rows] for every LoRA/LoHa/LoKr module, in the diffusers model.
 
     flag: the option the paths came from (`--lora_weight`, `--base_weights`), named in error messages.
     """

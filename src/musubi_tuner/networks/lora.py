@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from musubi_tuner.errors import CheckpointError, UserError
-from musubi_tuner.networks.lora_formats import LoraWeights, NameIndex, parse_lora_state_dict
+from musubi_tuner.networks.lora_formats import LoraWeights, NameIndex
+from musubi_tuner.networks.lycoris_weights import parse_adapter_state_dict
 from musubi_tuner.networks.targets import LoraTarget
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIM = 4
 DEFAULT_ALPHA = 1.0
 KNOWN_NETWORK_ARGS = (
+    "factor",  # LoKr only
     "exclude_patterns",
     "include_patterns",
     "rank_dropout",
@@ -44,31 +46,20 @@ KNOWN_NETWORK_ARGS = (
 )
 
 
-class LoRAModule(nn.Module):
-    """LoRA for one original layer; see the module docstring."""
+class AdapterModule(nn.Module):
+    """An adapter of one original layer (LoRA, LoHa, LoKr), attached over the layer's diffusers parts.
 
-    def __init__(
-        self,
-        target: LoraTarget,
-        rank: int,
-        alpha: float | torch.Tensor | None,
-        multiplier: float = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-    ):
+    Subclasses give the math: `_per_input(x)` (computed once per input and shared by the parts of a fused layer,
+    with its dropout draws; None skips the module), `_part_output(index, state)` (what part `index` adds),
+    `weights()` (the file form), `load(weights, where)`, `scale_weights(ratio)` (max-norm), and
+    `plus_parameters()` (the LoRA+ group).
+    """
+
+    def __init__(self, target: LoraTarget, multiplier: float = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None):
         super().__init__()
         self.lora_name = target.lora_name
         self.original_name = target.original_name
-        self.lora_dim = rank
-        self.lora_down = nn.Linear(target.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, target.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        alpha = float(alpha) if alpha is not None else 0.0
-        alpha = float(rank) if alpha == 0 else alpha  # alpha 0/None: no scaling
-        self.register_buffer("alpha", torch.tensor(alpha))
-        self.scale = alpha / rank
         self.multiplier = multiplier
         self.dropout = dropout
         self.rank_dropout = rank_dropout
@@ -110,9 +101,88 @@ class LoRAModule(nn.Module):
         self._org_forwards, self._saved_forward_attrs, self._shared = None, [], None
 
     # ---- forward -----------------------------------------------------------------------------------------------------
-    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    def _skip_by_module_dropout(self) -> bool:
+        return self.module_dropout is not None and self.training and bool(torch.rand(1) < self.module_dropout)
+
+    def _per_input(self, x: torch.Tensor) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}._per_input")
+
+    def _part_output(self, index: int, state: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__}._part_output")
+
+    def _shared_state(self, index: int, x: torch.Tensor) -> Any:
+        # Parts of a fused layer see the same input tensor: compute the shared state (and its dropout draws) once.
+        if len(self._row_slices) == 1:
+            return self._per_input(x)
+        shared = self._shared
+        if shared is None or shared[0]() is not x or index in shared[2]:
+            shared = (weakref.ref(x), self._per_input(x), set())  # weak: a stale entry must not keep x alive
+            self._shared = shared
+        shared[2].add(index)
+        if len(shared[2]) == len(self._row_slices):
+            self._shared = None  # every part served
+        return shared[1]
+
+    def _part_forward(self, index: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._org_forwards[index](x, *args, **kwargs)
+        if self.multiplier == 0:
+            return out
+        state = self._shared_state(index, x)
+        if state is None:
+            return out
+        return out + self._part_output(index, state).to(out.dtype)
+
+    # ---- weights -----------------------------------------------------------------------------------------------------
+    def weights(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__}.weights")
+
+    def load(self, weights: Any, where: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.load")
+
+    def scale_weights(self, ratio: float) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.scale_weights")
+
+    def plus_parameters(self) -> list[nn.Parameter]:
+        """The parameters LoRA+ trains at lr * loraplus_lr_ratio."""
+        raise NotImplementedError(f"{type(self).__name__}.plus_parameters")
+
+    @torch.no_grad()
+    def merge_to_base(self, multiplier: float | None = None) -> None:
+        """Add multiplier * delta into the parts' weights, each its rows (fp32 math, cast back)."""
+        multiplier = self.multiplier if multiplier is None else multiplier
+        delta = self.weights().delta() * multiplier
+        for part, rows in zip(self._target.parts, self._row_slices):
+            weight = part.module.weight
+            weight.copy_((weight.float() + delta[rows].to(weight.device)).to(weight.dtype))
+
+
+class LoRAModule(AdapterModule):
+    """LoRA for one original layer; see the module docstring."""
+
+    def __init__(
+        self,
+        target: LoraTarget,
+        rank: int,
+        alpha: float | torch.Tensor | None,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
+        super().__init__(target, multiplier, dropout, rank_dropout, module_dropout)
+        self.lora_dim = rank
+        self.lora_down = nn.Linear(target.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, target.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        alpha = float(alpha) if alpha is not None else 0.0
+        alpha = float(rank) if alpha == 0 else alpha  # alpha 0/None: no scaling
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.scale = alpha / rank
+
+    def _per_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """(rank activations, scale) for input x, or None when module dropout skips this forward."""
-        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+        if self._skip_by_module_dropout():
             return None
         lx = self.lora_down(x.to(self.lora_down.weight.dtype))
         if self.dropout is not None and self.training:
@@ -124,46 +194,43 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
         return lx, scale
 
-    def _shared_down(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        # Parts of a fused layer see the same input tensor: compute down (and its dropout masks) once for all.
-        if len(self._row_slices) == 1:
-            return self._down(x)
-        shared = self._shared
-        if shared is None or shared[0]() is not x or index in shared[2]:
-            shared = (weakref.ref(x), self._down(x), set())  # weak: a stale entry must not keep x alive
-            self._shared = shared
-        shared[2].add(index)
-        if len(shared[2]) == len(self._row_slices):
-            self._shared = None  # every part served
-        return shared[1]
-
-    def _part_forward(self, index: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._org_forwards[index](x, *args, **kwargs)
-        if self.multiplier == 0:
-            return out
-        down = self._shared_down(index, x)
-        if down is None:
-            return out
-        lx, scale = down
+    def _part_output(self, index: int, state: tuple[torch.Tensor, float]) -> torch.Tensor:
+        lx, scale = state
         up = self.lora_up.weight if len(self._row_slices) == 1 else self.lora_up.weight[self._row_slices[index]]
-        return out + (F.linear(lx, up) * (self.multiplier * scale)).to(out.dtype)
+        return F.linear(lx, up) * (self.multiplier * scale)
 
     # ---- weights -----------------------------------------------------------------------------------------------------
     def weights(self) -> LoraWeights:
         return LoraWeights(self.lora_down.weight.detach(), self.lora_up.weight.detach(), self.alpha.detach())
 
-    @torch.no_grad()
-    def merge_to_base(self, multiplier: float | None = None) -> None:
-        """Add multiplier * scale * up @ down into the parts' weights (fp32 math, cast back)."""
-        multiplier = self.multiplier if multiplier is None else multiplier
-        delta = self.weights().delta() * multiplier
-        for part, rows in zip(self._target.parts, self._row_slices):
-            weight = part.module.weight
-            weight.copy_((weight.float() + delta[rows].to(weight.device)).to(weight.dtype))
+    def load(self, weights: LoraWeights, where: str) -> None:
+        _load_module(self, weights, where)
+
+    def scale_weights(self, ratio: float) -> None:
+        self.lora_down.weight.mul_(ratio**0.5)
+        self.lora_up.weight.mul_(ratio**0.5)
+
+    def plus_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_up.weight]
 
 
 class LoRANetwork(nn.Module):
-    """The LoRA modules of one DiT, registered under their reference names (`lora_unet_...`)."""
+    """The adapter modules of one DiT (LoRA by default; `module_class` LoHa/LoKr), registered under their reference
+    names (`lora_unet_...`). The trainer, the sampler and the merges see only this interface."""
+
+    module_class: type[AdapterModule] = LoRAModule
+    kind = "LoRA"
+
+    @classmethod
+    def module_kwargs_from_args(cls, parsed_args: Mapping[str, Any]) -> dict[str, Any]:
+        """Extra module arguments from `--network_args` (LoKr: factor)."""
+        return {}
+
+    @classmethod
+    def module_kwargs_from_weights(cls, canonical: Mapping[str, Any], targets: Sequence[LoraTarget],
+                                   parsed_args: Mapping[str, Any]) -> dict[str, Any]:
+        """Extra module arguments that rebuild the modules of a file (LoKr: the factor its shapes imply)."""
+        return cls.module_kwargs_from_args(parsed_args)
 
     def __init__(
         self,
@@ -175,6 +242,7 @@ class LoRANetwork(nn.Module):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
         loraplus_lr_ratio: float | None = None,
+        module_kwargs: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if not targets:
@@ -187,12 +255,13 @@ class LoRANetwork(nn.Module):
         for t in self.targets:
             dim = dims[t.original_name] if isinstance(dims, Mapping) else dims
             alpha = alphas.get(t.original_name) if isinstance(alphas, Mapping) else alphas
-            module = LoRAModule(t, dim, alpha, multiplier, dropout, rank_dropout, module_dropout)
+            kwargs = dict(module_kwargs or {})
+            module = self.module_class(t, dim, alpha, multiplier, dropout, rank_dropout, module_dropout, **kwargs)
             self.add_module(t.lora_name, module)
 
     @property
-    def loras(self) -> list[LoRAModule]:
-        return [m for m in self.children() if isinstance(m, LoRAModule)]
+    def loras(self) -> list[AdapterModule]:
+        return [m for m in self.children() if isinstance(m, AdapterModule)]
 
     def apply_to(self) -> None:
         """Attach every module to its DiT layers (training or live inference)."""
@@ -236,7 +305,7 @@ class LoRANetwork(nn.Module):
             from musubi_tuner.networks.lora_files import load_lora_file
 
             sd, where = load_lora_file(path_or_sd)[0], source or str(path_or_sd)
-        canonical, unmatched = parse_lora_state_dict(sd, NameIndex(targets=self.targets))
+        canonical, unmatched = parse_adapter_state_dict(sd, NameIndex(targets=self.targets))
         if unmatched:
             stems = _module_stems(unmatched)
             raise CheckpointError(
@@ -245,40 +314,41 @@ class LoRANetwork(nn.Module):
             )
         by_name = {m.original_name: m for m in self.loras}
         for name, weights in canonical.items():
-            _load_module(by_name[name], weights, where)
+            by_name[name].load(weights, where)
         missing = len(by_name) - len(canonical)
         if missing:
             logger.warning("%d LoRA module(s) are not in %s and keep their initial weights", missing, where)
 
     # ---- optimizer ---------------------------------------------------------------------------------------------------
     def prepare_optimizer_params(self, lr: float, loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
-        """Param groups: all LoRA weights at `lr`; with LoRA+ the up weights in a second group at lr * ratio."""
+        """Param groups: all weights at `lr`; with LoRA+ the `plus_parameters` (LoRA up, LoHa w2, LoKr w2) in a
+        second group at lr * ratio. Order: every module's other weights, then every module's plus weights."""
         ratio = self.loraplus_lr_ratio if loraplus_lr_ratio is None else loraplus_lr_ratio
         self.requires_grad_(True)
-        downs, ups = [], []
+        main, plus = [], []
         for lora in self.loras:
-            downs.append(lora.lora_down.weight)
-            ups.append(lora.lora_up.weight)
+            plus_ids = {id(p) for p in lora.plus_parameters()}
+            main += [p for p in lora.parameters() if id(p) not in plus_ids]
+            plus += lora.plus_parameters()
         if ratio is None:
-            return [{"params": downs + ups, "lr": lr}]
-        return [{"params": downs, "lr": lr}, {"params": ups, "lr": lr * ratio}]
+            return [{"params": main + plus, "lr": lr}]
+        return [{"params": main, "lr": lr}, {"params": plus, "lr": lr * ratio}]
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm: float, device: torch.device | str) -> tuple[int, float, float]:
-        """--scale_weight_norms: shrink modules whose scaled delta norm exceeds max_norm (both matrices by sqrt).
+        """--scale_weight_norms: shrink modules whose scaled delta norm exceeds max_norm (the factors share the
+        ratio: LoRA's two matrices by sqrt each, LoHa's four by the 4th root, as the reference).
 
         Returns (modules scaled, mean norm, max norm) after scaling, as the reference logs them.
         """
         scaled, norms = 0, []
         for lora in self.loras:
-            down, up = lora.lora_down.weight, lora.lora_up.weight
-            norm = ((up.to(device).float() @ down.to(device).float()) * lora.scale).norm()
+            norm = lora.weights().scaled_delta(1.0, device).norm()
             clamped = norm.clamp(min=max_norm / 2)
             ratio = (clamped.clamp(max=max_norm) / clamped).item()
             if ratio != 1:
                 scaled += 1
-                down.mul_(ratio**0.5)
-                up.mul_(ratio**0.5)
+                lora.scale_weights(ratio)
             norms.append(norm.item() * ratio)
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
@@ -293,6 +363,9 @@ def _module_stems(unmatched: Sequence[str]) -> list[str]:
 
 
 def _load_module(module: LoRAModule, weights: LoraWeights, where: str) -> None:
+    if not isinstance(weights, LoraWeights):
+        raise CheckpointError(f"{where}: {module.lora_name} is a {weights.kind} module, this network is "
+                              "LoRA; use --network_module networks.loha / networks.lokr for such files")
     expected = (tuple(module.lora_down.weight.shape), tuple(module.lora_up.weight.shape))
     found = (tuple(weights.down.shape), tuple(weights.up.shape))
     if expected != found:
@@ -337,6 +410,10 @@ def parse_network_args(network_args: list[str] | Mapping[str, Any] | None) -> di
         parsed[key] = _as_patterns(key, raw.get(key))
     for key in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):
         parsed[key] = _as_float(f"--network_args {key}", raw.get(key))
+    factor = _as_float("--network_args factor", raw.get("factor"))
+    if factor is not None and factor != int(factor):
+        raise UserError(f"--network_args factor={raw['factor']!r}: expected a whole number (-1 = automatic)")
+    parsed["factor"] = None if factor is None else int(factor)
     return parsed
 
 
@@ -415,18 +492,21 @@ def create_network(
     network_dropout: float | None = None,
     network_args: list[str] | Mapping[str, Any] | None = None,
     multiplier: float = 1.0,
+    network_class: type[LoRANetwork] = LoRANetwork,
 ) -> LoRANetwork:
-    """A new LoRA for `dit` (arch: Architecture or its name). Defaults as the reference: dim 4, alpha 1."""
+    """A new LoRA (or `network_class`: LoHa, LoKr) for `dit` (arch: Architecture or its name).
+    Defaults as the reference: dim 4, alpha 1."""
     arch = _resolve_arch(arch)
     parsed = parse_network_args(network_args)
     targets = select_targets(arch, arch.lora_candidates(dit), parsed)
     dim = DEFAULT_DIM if network_dim is None else int(network_dim)
     alpha = DEFAULT_ALPHA if network_alpha is None else float(network_alpha)
-    network = LoRANetwork(
+    network = network_class(
         targets, dim, alpha, multiplier, _as_float("--network_dropout", network_dropout),
         parsed["rank_dropout"], parsed["module_dropout"], parsed["loraplus_lr_ratio"],
+        module_kwargs=network_class.module_kwargs_from_args(parsed),
     )  # fmt: skip
-    logger.info("LoRA: %d modules, dim %d, alpha %s", len(targets), dim, alpha)
+    logger.info("%s: %d modules, dim %d, alpha %s", network_class.kind, len(targets), dim, alpha)
     if parsed["verbose"]:
         for t in targets:
             logger.info("\t%s", t.lora_name)
@@ -442,27 +522,32 @@ def create_network_from_weights(
     network_args: list[str] | Mapping[str, Any] | None = None,
     source: str | None = None,
 ) -> LoRANetwork:
-    """A LoRA shaped like `weights_sd` (any layout): its modules, ranks and alphas (for --dim_from_weights and
-    inference). Weights are not loaded; call `load_weights`. Keys naming no layer of `dit` raise a UserError.
+    """A network shaped like `weights_sd` (any layout; LoRA, LoHa or LoKr by its keys): its modules, ranks and
+    alphas (for --dim_from_weights and inference). Weights are not loaded; call `load_weights`. Keys naming no
+    layer of `dit` raise a UserError.
 
     source: how messages name the weights, e.g. "--network_weights x.safetensors" (default "the LoRA").
     """
+    from musubi_tuner.networks.lycoris import network_class_for
+
     arch = _resolve_arch(arch)
     candidates = arch.lora_candidates(dit)
-    canonical, unmatched = parse_lora_state_dict(weights_sd, NameIndex(targets=candidates))
+    canonical, unmatched = parse_adapter_state_dict(weights_sd, NameIndex(targets=candidates))
     if unmatched:
         stems = _module_stems(unmatched)
         raise CheckpointError(
             f"{source or 'the LoRA'}: {len(stems)} LoRA module(s) match no layer of this {arch.name} model, "
             f"e.g. {stems[:5]}; is it a LoRA for another architecture?"
         )
+    network_class = network_class_for(canonical, source or "the LoRA")
     parsed = parse_network_args(network_args)
     targets = [t for t in candidates if t.original_name in canonical]
     dims = {n: w.rank for n, w in canonical.items()}
     alphas = {n: (w.alpha if w.alpha is not None else float(w.rank)) for n, w in canonical.items()}
-    return LoRANetwork(
+    return network_class(
         targets, dims, alphas, multiplier, _as_float("--network_dropout", network_dropout),
         parsed["rank_dropout"], parsed["module_dropout"], parsed["loraplus_lr_ratio"],
+        module_kwargs=network_class.module_kwargs_from_weights(canonical, targets, parsed),
     )  # fmt: skip
 
 

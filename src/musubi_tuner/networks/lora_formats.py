@@ -65,9 +65,19 @@ class LoraWeights:
         alpha = float(self.alpha)
         return 1.0 if alpha == 0 else alpha / self.rank
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the layer it adapts."""
+        return self.up.shape[0], self.down.shape[1]
+
     def delta(self) -> torch.Tensor:
         """The weight delta in fp32, shape (out, in)."""
         return (self.up.float() @ self.down.float()) * self.scale
+
+    def scaled_delta(self, multiplier: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
+        """multiplier * delta in fp32 on `device` (the matmul runs there)."""
+        up, down = self.up.to(device, torch.float32), self.down.to(device, torch.float32)
+        return (up @ down) * (multiplier * self.scale)
 
 
 def lora_name_for(original_name: str) -> str:
@@ -174,7 +184,8 @@ def detect_format(state_dict: dict[str, torch.Tensor], index: NameIndex | None =
 def _check_unsupported(state_dict: dict[str, torch.Tensor]) -> None:
     for key in state_dict:
         if any(tag in key for tag in ("hada_w", "lokr_w", ".dora_scale", "dora_layer")):
-            raise CheckpointError(f"LoHa/LoKr/DoRA weights are not supported (key {key!r}); use a plain LoRA file")
+            raise CheckpointError(f"key {key!r}: this LoHa/LoKr form (factored w1, conv) or DoRA is not supported; "
+                                  "use a LoRA, a LoHa or a linear LoKr file")
     if "use_dora_flag" in state_dict and bool(state_dict["use_dora_flag"]):
         raise CheckpointError("this LoRA was trained with DoRA (use_dora_flag=True), which is not supported")
 
@@ -354,14 +365,20 @@ def convert_state_dict(
     index = index or NameIndex()
     if index.empty:
         logger.warning("no model names known: LoRA module names are recovered by the reference's string rules")
-    canonical, unmatched = parse_lora_state_dict(state_dict, index)
+    from musubi_tuner.networks.lycoris_weights import lycoris_to_layout, parse_adapter_state_dict
+
+    canonical, unmatched = parse_adapter_state_dict(state_dict, index)
     if unmatched:
         raise CheckpointError(f"{len(unmatched)} LoRA key(s) name no known module, e.g. {unmatched[:5]}")
+    # LoHa/LoKr modules are renamed only, alpha kept (as the reference's converter copies them)
+    lycoris = {n: w for n, w in canonical.items() if not isinstance(w, LoraWeights)}
+    canonical = {n: w for n, w in canonical.items() if isinstance(w, LoraWeights)}
+    prefix = DEFAULT_PREFIX.get(target_format) if prefix is None else (prefix if prefix not in ("", "-") else None)
+    out = lycoris_to_layout(lycoris, target_format, prefix) if lycoris else {}
     if target_format == "default":
-        return to_default(canonical)
-    prefix = DEFAULT_PREFIX[target_format] if prefix is None else (prefix if prefix not in ("", "-") else None)
+        return {**to_default(canonical), **out}
     if target_format == "other":
-        return to_other(canonical, prefix, adapter_name)
+        return {**to_other(canonical, prefix, adapter_name), **out}
     if not index.targets:
         raise UserError("converting to the diffusers layout needs the model's layer map: pass --arch")
     return to_diffusers(canonical, list(index.targets.values()), prefix, adapter_name)

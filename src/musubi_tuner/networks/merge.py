@@ -1,6 +1,6 @@
 """Merge LoRAs into a DiT state dict in the ORIGINAL key layout (any architecture, no model built).
 
-W[<name>.weight] += multiplier * scale * up @ down, computed in fp32 and cast back to W's dtype. Module names
+W[<name>.weight] += multiplier * delta (LoRA: scale * up @ down; LoHa/LoKr: their products), computed in fp32 and cast back to W's dtype. Module names
 are recovered from the base checkpoint's own keys (the same rule ComfyUI uses), so no name map is needed;
 a diffusers-layout LoRA additionally needs the architecture's targets to re-fuse its parts.
 """
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from musubi_tuner.errors import CheckpointError
-from musubi_tuner.networks.lora_formats import LoraWeights, NameIndex, parse_lora_state_dict
+from musubi_tuner.networks.lora_formats import NameIndex
+from musubi_tuner.networks.lycoris_weights import parse_adapter_state_dict
 from musubi_tuner.networks.targets import LoraTarget
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def merge_lora_into_original_state_dict(
     names = [k[len(prefix) : -len(".weight")] for k in base_sd if k.startswith(prefix) and k.endswith(".weight")]
     index = NameIndex(names, targets or ())
     for number, (lora_sd, multiplier) in enumerate(zip(lora_sds, multipliers), start=1):
-        canonical, unmatched = parse_lora_state_dict(lora_sd, index)
+        canonical, unmatched = parse_adapter_state_dict(lora_sd, index)
         absent = [n for n in canonical if f"{prefix}{n}.weight" not in base_sd]
         if unmatched or absent:
             from musubi_tuner.networks.lora import _module_stems
@@ -67,14 +68,14 @@ def merge_lora_into_original_state_dict(
     return base_sd
 
 
-def _merge_one(base_sd: dict, key: str, weights: LoraWeights, multiplier: float, device) -> None:
+def _merge_one(base_sd: dict, key: str, weights, multiplier: float, device) -> None:
+    """weights: LoraWeights / LohaWeights / LokrWeights (anything with `shape` and `scaled_delta`)."""
     weight = base_sd[key]
-    if tuple(weight.shape) != (weights.up.shape[0], weights.down.shape[1]):
+    if tuple(weight.shape) != tuple(weights.shape):
         raise CheckpointError(
-            f"LoRA for {key} has shape ({weights.up.shape[0]}, {weights.down.shape[1]}) but the base weight is "
+            f"LoRA for {key} has shape {tuple(weights.shape)} but the base weight is "
             f"{tuple(weight.shape)}; the LoRA is for another model size"
         )
     device = weight.device if device is None else torch.device(device)
-    down, up = weights.down.to(device, torch.float32), weights.up.to(device, torch.float32)
-    merged = weight.to(device, torch.float32) + (up @ down) * (multiplier * weights.scale)
+    merged = weight.to(device, torch.float32) + weights.scaled_delta(multiplier, device)
     base_sd[key] = merged.to(weight.device, weight.dtype)

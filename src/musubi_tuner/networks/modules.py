@@ -13,8 +13,11 @@ _NETWORK_MODULES = {
     "networks.lora_flux": "musubi_tuner.networks.lora_flux",
     # the reference's generic module; its target classes exist only in HunyuanVideo
     "networks.lora": "musubi_tuner.networks.lora_hunyuan_video",
+    # LoHa / LoKr for every architecture (no ARCHITECTURE: the caller passes arch=)
+    "networks.loha": "musubi_tuner.networks.loha",
+    "networks.lokr": "musubi_tuner.networks.lokr",
 }
-_NOT_YET = ("networks.lora_framepack", "networks.loha", "networks.lokr", "lycoris.kohya")
+_NOT_YET = ("networks.lora_framepack", "lycoris.kohya")
 
 
 def network_module_names() -> list[str]:
@@ -22,7 +25,8 @@ def network_module_names() -> list[str]:
 
 
 def resolve_network_module(name: str) -> ModuleType:
-    """The module for `--network_module name` (it has `ARCHITECTURE` and `create_network`)."""
+    """The module for `--network_module name`: `create_network` / `create_network_from_weights`, and
+    `ARCHITECTURE` when it serves one family only (otherwise they take `arch=`)."""
     key = name.strip()
     key = key.removeprefix("musubi_tuner.")
     if key in _NETWORK_MODULES:

@@ -28,16 +28,18 @@ def build_network(arch: Architecture, dit: torch.nn.Module, args: argparse.Names
     if expected != arch.name:
         raise UserError(f"--network_module {args.network_module} is for {expected}, not {arch.name}; "
                         f"use {arch.network_module}")
+    for_arch = {} if hasattr(module, "ARCHITECTURE") else {"arch": arch}  # LoHa/LoKr serve every family
     if args.dim_from_weights:
         if not args.network_weights:
             raise UserError("--dim_from_weights needs --network_weights")
         weights, _ = load_lora_file(args.network_weights)
         network = module.create_network_from_weights(dit, weights, network_dropout=args.network_dropout,
                                                      network_args=args.network_args,
-                                                     source=f"--network_weights {args.network_weights}")
+                                                     source=f"--network_weights {args.network_weights}",
+                                                     **for_arch)
     else:
         network = module.create_network(dit, args.network_dim, args.network_alpha, args.network_dropout,
-                                        args.network_args)
+                                        args.network_args, **for_arch)
     if args.network_weights:
         network.load_weights(args.network_weights, source=f"--network_weights {args.network_weights}")
         logger.info("loaded LoRA weights from %s", args.network_weights)
