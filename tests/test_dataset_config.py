@@ -156,7 +156,7 @@ BAD = [
     ("no datasets", "[general]\nbatch_size = 1\n", "no [[datasets]]"),
     ("top-level", "foo = 1\n[[datasets]]\nimage_directory = 'IMG'\n", "unknown top-level key(s) ['foo']"),
     ("unknown key", "[[datasets]]\nimage_directory = 'IMG'\ncaption_extension='.txt'\nbatchsize = 2\n",
-     "[[datasets]][0]: unknown key(s) ['batchsize']; keys allowed in an image dataset: batch_size"),
+     "[[datasets]][0]: unknown key(s) ['batchsize']; keys allowed in an image dataset: alpha_mask, batch_size"),
     ("video key in general", "[general]\ntarget_frames = [1]\n[[datasets]]\nimage_directory = 'IMG'\n",
      "[general]: unknown key(s) ['target_frames']"),
     ("video key in image ds", "[[datasets]]\nimage_directory = 'IMG'\ncaption_extension='.txt'\nmax_frames = 9\n",

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from musubi_tuner.architectures.base import Architecture
-from musubi_tuner.dataset.cache_files import latent_metadata, read_cache_shapes, write_cache
+from musubi_tuner.dataset.cache_files import empty_caption_cache_name, latent_metadata, read_cache_shapes, write_cache
 from musubi_tuner.dataset.config import load_dataset_config
 from musubi_tuner.dataset.items import Item
-from musubi_tuner.dataset.media import load_item_pixels
+from musubi_tuner.dataset.masks import MASK_CONTENT, load_pixels_with_mask, mask_on_latent_grid
 from musubi_tuner.dataset.sources import DatasetItems, collect_items, require_items
 from musubi_tuner.dataset.stale_caches import CacheKind, plan_sweep
 from musubi_tuner.errors import UserError
@@ -84,7 +84,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def load_datasets(arch: Architecture, args: argparse.Namespace) -> list[DatasetItems]:
     """Parse + validate the TOML and enumerate items: every config error surfaces before any model loads."""
-    specs = load_dataset_config(args.dataset_config, arch.traits)
+    specs = load_dataset_config(args.dataset_config, arch.traits, with_validation=True)
     datasets = [collect_items(spec, arch.traits, strict=getattr(args, "strict", False)) for spec in specs]
     require_items(datasets)
     return datasets
@@ -133,7 +133,7 @@ def latent_cache_is_current(arch: Architecture, item: Item, contents: set[str]) 
         shapes = read_cache_shapes(path)
     except Exception:  # unreadable/truncated: re-encode it
         return False
-    if not contents <= set(shapes):
+    if not contents <= set(shapes) or (MASK_CONTENT in shapes) != (item.mask_path is not None):
         return False
     width, height = item.bucket_size
     expected = arch.latent_shape(width, height, item.frame_count)
@@ -155,9 +155,12 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
             for dataset in datasets:
                 items = [i for d, i in todo if d is dataset]
                 for batch in batched(items, args.batch_size or dataset.spec.batch_size):
-                    load = functools.partial(load_item_pixels, spec=dataset.spec, bucket_step=arch.traits.bucket_step)
+                    load = functools.partial(load_pixels_with_mask, spec=dataset.spec,
+                                             bucket_step=arch.traits.bucket_step)
                     pixels = list(pool.map(load, batch))
-                    for item, content in zip(batch, arch.encode_latents(encoders, pixels, args)):
+                    for item, item_pixels, content in zip(batch, pixels, arch.encode_latents(encoders, pixels, args)):
+                        if item_pixels.mask is not None:
+                            content[MASK_CONTENT] = mask_on_latent_grid(item_pixels.mask, content["latents"])
                         frames = item.frame_count if item.frame_indices is not None else None
                         write_cache(item.latent_cache_path, content, arch.traits,
                                     latent_metadata(item.original_size, frames))
@@ -175,6 +178,9 @@ def run_text_caching(arch: Architecture, args: argparse.Namespace) -> CacheSumma
     for dataset in datasets:
         for item in dataset.items:
             captions.setdefault(item.text_cache_path, item.caption)
+        if dataset.spec.has_caption_dropout and not dataset.spec.is_validation:
+            # the prompt dropped captions train on, encoded once per cache folder (dataset/caption_dropout.py)
+            captions.setdefault(dataset.spec.cache_directory / empty_caption_cache_name(arch.traits.cache_code), "")
     todo = [(p, c) for p, c in captions.items() if not (args.skip_existing and p.exists())]
     summary.skipped_existing = len(captions) - len(todo)
     if todo:

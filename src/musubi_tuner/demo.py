@@ -56,15 +56,15 @@ def run_step(title: str, main, argv: list[str]) -> float:
     return time.time() - start
 
 
-def read_losses(logging_dir: Path) -> list[float]:
+def read_losses(logging_dir: Path, tag: str = "loss/current") -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     losses: list[float] = []
     for event_file in sorted(logging_dir.rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(event_file))
         acc.Reload()
-        if "loss/current" in acc.Tags().get("scalars", []):
-            losses += [e.value for e in acc.Scalars("loss/current")]
+        if tag in acc.Tags().get("scalars", []):
+            losses += [e.value for e in acc.Scalars(tag)]
     return losses
 
 
@@ -97,16 +97,20 @@ def run_workflow(w: Workflow) -> dict[str, Path]:
                "checkpoints and states": w.lora.parent, "samples during training": w.lora.parent / "sample",
                w.generated: w.out / "generated", "merged DiT": merged, "TensorBoard logs": w.out / "logs",
                "tiny model files": w.out / "models"}
-    print_summary(read_losses(w.out / "logs"), w.timings, outputs)
+    print_summary(read_losses(w.out / "logs"), w.timings, outputs, read_losses(w.out / "logs", "loss/validation"))
     return outputs
 
 
-def print_summary(losses: list[float], timings: dict[str, float], outputs: dict[str, Path]) -> None:
+def print_summary(losses: list[float], timings: dict[str, float], outputs: dict[str, Path],
+                  validation: list[float] | None = None) -> None:
     window = max(1, min(10, len(losses) // 4))
     print("\n=== done ===")
     if losses:
         print(f"loss: first {window} steps {sum(losses[:window]) / window:.4f} -> "
               f"last {window} steps {sum(losses[-window:]) / window:.4f} ({len(losses)} steps)")
+    if validation:
+        print(f"validation loss ([[validation_datasets]], fixed noise and timesteps): {validation[0]:.4f} -> "
+              f"{validation[-1]:.4f} ({len(validation)} evaluations)")
     for stage, seconds in timings.items():
         print(f"  {stage:<28} {seconds:6.1f} s")
     for what, path in outputs.items():
@@ -118,16 +122,19 @@ def wan_demo(out: Path, steps: int) -> dict[str, Path]:
     from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
     from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
     from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
-    from musubi_tuner.demo_data import make_demo_dataset
+    from musubi_tuner.demo_data import make_demo_dataset, make_validation_images
 
     models = write_tiny_wan_files(out / "models", "t2v-1.3B")
     encoders = write_tiny_wan_encoder_files(out / "models")
     data = make_demo_dataset(out / "data")
+    held_out = make_validation_images(out / "data" / "validation")
     (out / "dataset.toml").write_text(
         f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
-        f'cache_directory = "{(out / "cache" / "images").as_posix()}"\n\n'
+        f'cache_directory = "{(out / "cache" / "images").as_posix()}"\ncaption_dropout_rate = 0.1\n\n'
         f'[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
-        f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n')
+        f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n\n'
+        f'[[validation_datasets]]\nimage_directory = "{held_out.as_posix()}"\n'
+        f'cache_directory = "{(out / "cache" / "validation").as_posix()}"\n')
     prompts = out / "sample_prompts.txt"
     prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --l 1.0\n")
     task = ["--task", "t2v-1.3B"]
@@ -139,7 +146,8 @@ def wan_demo(out: Path, steps: int) -> dict[str, Path]:
         text_args=["--t5", str(encoders["t5"]), "--t5_tokenizer", str(encoders["tokenizer"]),
                    "--text_encoder_dtype", "float32"],
         train_args=[*task, "--network_module", "networks.lora_wan", "--timestep_sampling", "shift",
-                    "--discrete_flow_shift", "3.0", *common_train_args(out, steps, prompts)],
+                    "--discrete_flow_shift", "3.0", *common_train_args(out, steps, prompts),
+                    "--validate_every_n_steps", str(max(1, steps // 4))],
         generate_args=[*task, "--prompt", "a red circle moving in a circle", "--video_size", "64", "64",
                        "--video_length", "9", "--infer_steps", "10", "--guidance_scale", "3.0", "--output_type", "both"],
     ))

@@ -54,6 +54,16 @@ def make_demo_dataset(root: Path, size: int = 64, frames: int = 9, fps: float = 
     return {"images": images, "videos": videos}
 
 
+def make_validation_images(folder: Path, size: int = 64) -> Path:
+    """Held-out shapes (other phases than the training images) with captions, for `[[validation_datasets]]`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, color) in enumerate(list(COLORS.items())[:2]):
+        shape = SHAPES[i % 2]
+        Image.fromarray(moving_clip(size, 1, shape, color, phase=0.5 + i)[0]).save(folder / f"{name}_{shape}_held_out.png")
+        (folder / f"{name}_{shape}_held_out.txt").write_text(f"a {name} {shape} on a white background")
+    return folder
+
+
 def make_edit_dataset(root: Path, size: int = 64, count: int = 4) -> dict[str, Path]:
     """Image-editing pairs: images/ hold targets (a red shape), controls/ the same shape in another colour.
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from musubi_tuner.dataset.cache_files import parse_latent_cache_name, read_cache, read_cache_shapes, text_cache_name
+from musubi_tuner.dataset.cache_files import (
+    empty_caption_cache_name,
+    parse_latent_cache_name,
+    read_cache,
+    read_cache_shapes,
+    text_cache_name,
+)
 from musubi_tuner.dataset.config import DatasetSpec
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
@@ -32,6 +38,19 @@ class CacheEntry:
     latent_path: Path
     text_path: Path
     original_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _CaptionDropout:
+    rate: float
+    every_n_epochs: int
+    empty_caption: Path
+
+    def drops(self, epoch: int, draw: float) -> bool:
+        """epoch is 0-based; `every_n_epochs` counts epochs from 1, as kohya's trainers do."""
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            return True
+        return draw < self.rate
 
 
 @dataclass
@@ -52,6 +71,7 @@ class CachedBatches:
         self.traits = traits
         self._text_cache_command = text_cache_command
         self.buckets: list[_Bucket] = []
+        self._dropout = {s.index: self._caption_dropout(s) for s in specs if s.has_caption_dropout and not s.is_validation}
         for spec in specs:
             self.buckets.extend(self._scan(spec))
         if not self.buckets:
@@ -72,7 +92,23 @@ class CachedBatches:
             rng.shuffle(items)
             batches.extend(items[i : i + bucket.batch_size] for i in range(0, len(items), bucket.batch_size))
         rng.shuffle(batches)
-        return batches
+        return self._drop_captions(batches, epoch) if self._dropout else batches
+
+    def _drop_captions(self, batches: list[list[CacheEntry]], epoch: int) -> list[list[CacheEntry]]:
+        """Caption dropout: swap an entry's text cache for the empty caption's. The draws come from their own
+        (seed, epoch) stream, one per entry in training order, so resume sees the same and the order is
+        untouched."""
+        rng = random.Random(f"{self.seed}/{epoch}/caption_dropout")
+        out = []
+        for batch in batches:
+            kept = []
+            for entry in batch:
+                rule = self._dropout.get(entry.dataset_index)
+                if rule is not None and rule.drops(epoch, rng.random()):
+                    entry = replace(entry, text_path=rule.empty_caption)
+                kept.append(entry)
+            out.append(kept)
+        return out
 
     def load_batch(self, entries: list[CacheEntry]) -> dict[str, Any]:
         """Read and collate: non-varlen tensors stacked, varlen ones as a list (one per sample)."""
@@ -134,6 +170,14 @@ class CachedBatches:
             logger.info("%s: bucket %s: %d caches x %d repeats", spec.label, _describe(b.signature),
                         len(b.entries), b.num_repeats)
         return buckets
+
+    def _caption_dropout(self, spec: DatasetSpec) -> _CaptionDropout:
+        empty = spec.cache_directory / empty_caption_cache_name(self.traits.cache_code)
+        if not empty.is_file():
+            command = self._text_cache_command or "the text-encoder caching script of this architecture"
+            raise UserError(f"{spec.label}: caption dropout needs the empty caption's cache {empty}; run {command} "
+                            f"with --dataset_config {spec.config_path} again")
+        return _CaptionDropout(spec.caption_dropout_rate, spec.caption_dropout_every_n_epochs, empty)
 
     def _signature(self, spec: DatasetSpec, latent: Path, text: Path) -> tuple | None:
         """Shapes of every stacked tensor: caches with the same signature can share a batch."""

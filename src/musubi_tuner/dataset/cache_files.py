@@ -48,6 +48,12 @@ def text_cache_name(stem: str, code: str) -> str:
     return f"{stem}_{code}_te.safetensors"
 
 
+def empty_caption_cache_name(code: str) -> str:
+    """Text-encoder cache of the empty prompt that caption dropout trains on. Not `{stem}_{code}_te`, so no
+    media stem can collide with it and the stale-cache sweep leaves it alone."""
+    return f"{code}_empty_caption_te.safetensors"
+
+
 def parse_text_cache_name(name: str, code: str) -> str | None:
     """The media stem of a text-encoder cache file name for `code`; None if it is not one."""
     suffix = f"_{code}_te.safetensors"

@@ -28,6 +28,8 @@ SHARED_KEYS: dict[str, Any] = {
     "enable_bucket": False,
     "bucket_no_upscale": False,
     "skip_corrupted_cache": False,
+    "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0,
 }
 IMAGE_KEYS: dict[str, Any] = {
     "image_directory": None,
@@ -41,6 +43,8 @@ IMAGE_KEYS: dict[str, Any] = {
     "fp_1f_no_post": False,
     "no_resize_control": False,
     "control_resolution": None,
+    "mask_directory": None,
+    "alpha_mask": False,
 }
 VIDEO_KEYS: dict[str, Any] = {
     "video_directory": None,
@@ -54,12 +58,15 @@ VIDEO_KEYS: dict[str, Any] = {
     "max_frames": 129,
     "source_fps": None,
     "fp_latent_window_size": 9,
+    "mask_directory": None,
 }
 DEPRECATED_KEYS = {
     "flux_kontext_no_resize_control": "no_resize_control",
     "qwen_image_edit_no_resize_control": "no_resize_control",
     "qwen_image_edit_control_resolution": "control_resolution",
 }
+SECTIONS = ("datasets", "validation_datasets")
+"""`[[validation_datasets]]` take the same keys as `[[datasets]]`; they are cached alike and only evaluated."""
 SOURCE_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file")
 
 
@@ -68,7 +75,9 @@ class DatasetSpec:
     """One `[[datasets]]` entry with every key resolved (dataset -> general -> default)."""
 
     index: int
-    """Position in `[[datasets]]` (0-based)."""
+    """Position in its section, `[[datasets]]` or `[[validation_datasets]]` (0-based)."""
+    section: str = "datasets"
+    """`datasets` (trained on) or `validation_datasets` (only evaluated, see training/validation.py)."""
     kind: Literal["image", "video"]
     config_path: Path
     """The config file it came from (for messages)."""
@@ -80,6 +89,10 @@ class DatasetSpec:
     enable_bucket: bool
     bucket_no_upscale: bool
     skip_corrupted_cache: bool
+    caption_dropout_rate: float = 0.0
+    """Chance that an item trains on the empty caption in an epoch (drawn from the seeded data order)."""
+    caption_dropout_every_n_epochs: int = 0
+    """Every N-th epoch (1-based) all items of the dataset train on the empty caption; 0 = never."""
     cache_directory: Path
     """Where caches go; the media directory when not given (like the reference)."""
     image_directory: Path | None = None
@@ -88,6 +101,10 @@ class DatasetSpec:
     video_jsonl_file: Path | None = None
     control_directory: Path | None = None
     """None when the architecture takes no control images (the key is then ignored with a warning)."""
+    mask_directory: Path | None = None
+    """Grayscale loss masks with the media stems (white = full weight, black = ignored); see dataset/masks.py."""
+    alpha_mask: bool = False
+    """Image datasets: the image's alpha channel is the loss mask."""
     # image-only
     no_resize_control: bool = False
     control_resolution: tuple[int, int] | None = None
@@ -109,7 +126,19 @@ class DatasetSpec:
     @property
     def label(self) -> str:
         """`file [[datasets]][i]` for messages."""
-        return f"{self.config_path} [[datasets]][{self.index}]"
+        return f"{self.config_path} [[{self.section}]][{self.index}]"
+
+    @property
+    def is_validation(self) -> bool:
+        return self.section == "validation_datasets"
+
+    @property
+    def has_caption_dropout(self) -> bool:
+        return self.caption_dropout_rate > 0 or self.caption_dropout_every_n_epochs > 0
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_directory is not None or self.alpha_mask
 
     @property
     def source(self) -> Path:
@@ -130,8 +159,11 @@ class DatasetSpec:
         return len(self.fp_1f_clean_indices) if self.fp_1f_clean_indices else 1
 
 
-def load_dataset_config(path: str | Path, traits: DatasetTraits) -> list[DatasetSpec]:
-    """Read and validate a dataset config; raises DatasetConfigError on any problem."""
+def load_dataset_config(path: str | Path, traits: DatasetTraits, *, with_validation: bool = False) -> list[DatasetSpec]:
+    """Read and validate a dataset config; raises DatasetConfigError on any problem.
+
+    The `[[datasets]]` specs; with_validation: followed by the `[[validation_datasets]]` ones (caching and the
+    trainer's validation loss ask for them; they are always validated)."""
     path = Path(path)
     raw = _read_file(path)
     _check_top_level(raw, path)
@@ -143,8 +175,13 @@ def load_dataset_config(path: str | Path, traits: DatasetTraits) -> list[Dataset
         raise DatasetConfigError(f"{path}: no [[datasets]] entries; add at least one [[datasets]] with "
                                  "image_directory, image_jsonl_file, video_directory or video_jsonl_file")
     specs = [_build_spec(i, d, general, path, traits) for i, d in enumerate(datasets)]
-    _check_unique_cache_dirs(specs)
-    return specs
+    validation = raw.get("validation_datasets", [])
+    if not isinstance(validation, list):
+        raise DatasetConfigError(f"{path}: validation_datasets must be a list of tables: write [[validation_datasets]]")
+    validation_specs = [_build_spec(i, d, general, path, traits, section="validation_datasets")
+                        for i, d in enumerate(validation)]
+    _check_unique_cache_dirs(specs + validation_specs)
+    return specs + validation_specs if with_validation else specs
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -183,10 +220,10 @@ def _parse_toml(text: str) -> dict:
 
 
 def _check_top_level(raw: dict, path: Path) -> None:
-    unknown = sorted(set(raw) - {"general", "datasets"})
+    unknown = sorted(set(raw) - {"general", *SECTIONS})
     if unknown:
         raise DatasetConfigError(f"{path}: unknown top-level key(s) {unknown}; "
-                                 "only [general] and [[datasets]] are allowed")
+                                 "only [general], [[datasets]] and [[validation_datasets]] are allowed")
 
 
 def _section(value: Any, path: Path, where: str) -> dict:
@@ -218,8 +255,9 @@ def _check_keys(section: dict, allowed: dict, path: Path, where: str, what: str)
 # ---- one dataset --------------------------------------------------------------------------------
 
 
-def _build_spec(index: int, raw: Any, general: dict, path: Path, traits: DatasetTraits) -> DatasetSpec:
-    where = f"[[datasets]][{index}]"
+def _build_spec(index: int, raw: Any, general: dict, path: Path, traits: DatasetTraits,
+                section: str = "datasets") -> DatasetSpec:
+    where = f"[[{section}]][{index}]"
     ds = _section(raw, path, where)
     _rename_deprecated(ds, path, where)
     sources = [k for k in SOURCE_KEYS if k in ds]
@@ -245,11 +283,13 @@ def _build_spec(index: int, raw: Any, general: dict, path: Path, traits: Dataset
     values = {key: v.check(key, get(key)) for key in {**SHARED_KEYS, **kind_keys}}
     base = _entry_base(values[sources[0]], path.parent)
     spec = DatasetSpec(
-        index=index, kind=kind, config_path=path,
+        index=index, section=section, kind=kind, config_path=path,
         resolution=values["resolution"], caption_extension=values["caption_extension"],
         batch_size=values["batch_size"], num_repeats=values["num_repeats"],
         enable_bucket=values["enable_bucket"], bucket_no_upscale=values["bucket_no_upscale"],
         skip_corrupted_cache=values["skip_corrupted_cache"],
+        caption_dropout_rate=values["caption_dropout_rate"],
+        caption_dropout_every_n_epochs=values["caption_dropout_every_n_epochs"],
         cache_directory=Path("."),  # set below
         fp_latent_window_size=values["fp_latent_window_size"],
     )
@@ -263,6 +303,9 @@ def _build_spec(index: int, raw: Any, general: dict, path: Path, traits: Dataset
                            path, where, traits.architecture)
         else:
             spec.control_directory = ctrl
+    if values["mask_directory"] is not None:
+        spec.mask_directory = _existing_path(values["mask_directory"], base, path, where, "mask_directory",
+                                             directory=True)
     if kind == "image":
         _fill_image(spec, values, v)
     else:
@@ -278,6 +321,9 @@ def _fill_image(spec: DatasetSpec, values: dict, v: _Validator) -> None:
     spec.control_resolution = values["control_resolution"]
     spec.fp_1f_target_index = values["fp_1f_target_index"]
     spec.fp_1f_no_post = values["fp_1f_no_post"]
+    spec.alpha_mask = values["alpha_mask"]
+    if spec.alpha_mask and spec.mask_directory is not None:
+        raise v.error("alpha_mask", "give either alpha_mask = true or mask_directory, not both")
     idx = values["fp_1f_clean_indices"]
     spec.fp_1f_clean_indices = tuple(idx) if idx is not None else None
     if values["multiple_target"]:
@@ -346,15 +392,15 @@ def _check_fixed_resolution(spec: DatasetSpec, traits: DatasetTraits, where: str
 
 
 def _check_unique_cache_dirs(specs: list[DatasetSpec]) -> None:
-    seen: dict[Path, int] = {}
+    seen: dict[Path, str] = {}
     for spec in specs:
         key = spec.cache_directory.resolve()
         if key in seen:
             raise DatasetConfigError(
-                f"{spec.label}: cache_directory {spec.cache_directory} is also used by [[datasets]][{seen[key]}] "
+                f"{spec.label}: cache_directory {spec.cache_directory} is also used by {seen[key]} "
                 "(without cache_directory the media directory is used); give each dataset its own cache_directory"
             )
-        seen[key] = spec.index
+        seen[key] = f"[[{spec.section}]][{spec.index}]"
 
 
 def _entry_base(source: str, config_dir: Path) -> Path:
@@ -459,6 +505,12 @@ def _check_extraction(v: _Validator, key: str, value: Any) -> str:
     return value
 
 
+def _check_rate(v: _Validator, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise v.error(key, f"must be a number from 0 to 1 (a probability), got {value!r}")
+    return float(value)
+
+
 def _check_caption_ext(v: _Validator, key: str, value: Any) -> str:
     return _check_str(v, key, value)
 
@@ -484,4 +536,7 @@ _CHECKS = {
     "frame_sample": _check_pos_int,
     "max_frames": _check_pos_int,
     "source_fps": _check_fps,
+    "caption_dropout_rate": _check_rate,
+    "caption_dropout_every_n_epochs": _check_nonneg_int,
+    "alpha_mask": _check_bool,
 }

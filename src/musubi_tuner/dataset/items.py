@@ -28,6 +28,8 @@ class Item:
     control_paths: list[Path] = field(default_factory=list)
     latent_cache_path: Path | None = None
     text_cache_path: Path | None = None
+    mask_path: Path | None = None
+    """Loss mask image (the media itself with `alpha_mask`); None: the item counts fully (dataset/masks.py)."""
 
     @property
     def frame_count(self) -> int:
@@ -42,3 +44,5 @@ class ItemPixels:
     """uint8 (F, H, W, 3), already resized/cropped to the bucket; F = 1 for images."""
     control: list[torch.Tensor] = field(default_factory=list)
     """uint8 (F, H, W, 3) control images/videos (may be empty)."""
+    mask: torch.Tensor | None = None
+    """float32 (H, W) loss mask in [0, 1] at the bucket size, or None (dataset/masks.py)."""

@@ -19,6 +19,7 @@ from musubi_tuner.dataset.cache_files import latent_cache_name, text_cache_name,
 from musubi_tuner.dataset.config import DatasetSpec
 from musubi_tuner.dataset.frames import frame_windows
 from musubi_tuner.dataset.items import Item
+from musubi_tuner.dataset.masks import attach_masks
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import DatasetConfigError, UserError
 
@@ -72,6 +73,7 @@ def collect_items(spec: DatasetSpec, traits: DatasetTraits, strict: bool = False
             items.extend(_entry_items(entry, spec, traits, selector))
         except _Skip as s:
             skip(s.path, s.reason)
+    attach_masks(items, spec, media_stem)
     return DatasetItems(spec=spec, items=items, skipped=skipped, empty_captions=empty_captions)
 
 

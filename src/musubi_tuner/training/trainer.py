@@ -46,6 +46,9 @@ class NetworkTrainer:
         self.args = args
         self.progress = TrainProgress()
         self.samples = None
+        self.validation = None
+        self.validation_history: list[tuple[int, dict[str, float]]] = []
+        """(step, logs) of each validation this run (for tests and the demo's summary)."""
         self.max_norm_stats: tuple[int, float, float] | None = None
         self.log_with: list[str] | None = None
         self.session_id = random.SystemRandom().randint(0, 2**32 - 1)  # ss_session_id, as the reference
@@ -127,9 +130,11 @@ class NetworkTrainer:
 
         if not self.args.dataset_config:
             raise UserError("--dataset_config is required (the dataset TOML used for caching)")
-        specs = self.dataset_specs = load_dataset_config(self.args.dataset_config, self.arch.traits)
+        all_specs = load_dataset_config(self.args.dataset_config, self.arch.traits, with_validation=True)
+        specs = self.dataset_specs = [s for s in all_specs if not s.is_validation]
         self.batches = CachedBatches(specs, self.arch.traits, seed=self.args.seed,
                                      text_cache_command=self.arch.script_name("cache_text_encoder_outputs"))
+        self._build_validation([s for s in all_specs if s.is_validation])
         if len(self.batches) == 0:
             raise UserError(f"{self.args.dataset_config}: no cached items found; run the caching scripts first")
         accum = self.args.gradient_accumulation_steps
@@ -146,6 +151,25 @@ class NetworkTrainer:
         samples = {str(b.entries[0].latent_path): set(read_cache_shapes(b.entries[0].latent_path))
                    for b in self.batches.buckets}
         self.arch.check_training_caches(samples, self.args)
+
+    def _build_validation(self, specs: list) -> None:
+        args = self.args
+        if not (args.validate_every_n_steps or args.validate_every_n_epochs):
+            if specs:
+                logger.info("%s has [[validation_datasets]]; add --validate_every_n_steps or --validate_every_n_epochs "
+                            "to compute the validation loss", args.dataset_config)
+            return
+        if not specs:
+            flag = "--validate_every_n_steps" if args.validate_every_n_steps else "--validate_every_n_epochs"
+            raise UserError(f"{flag}: {args.dataset_config} has no [[validation_datasets]]; add one (same keys as "
+                            "[[datasets]]) and run the caching scripts, or drop the flag")
+        from musubi_tuner.dataset.batches import CachedBatches
+        from musubi_tuner.training.validation import ValidationLoss
+
+        seed = args.validation_seed if args.validation_seed is not None else args.seed
+        batches = CachedBatches(specs, self.arch.traits, seed=seed,
+                                text_cache_command=self.arch.script_name("cache_text_encoder_outputs"))
+        self.validation = ValidationLoss(batches, seed)
 
     def _load_dit(self) -> None:
         args = self.args
@@ -348,6 +372,8 @@ class NetworkTrainer:
         return total
 
     def _loss(self, batch: dict[str, Any], uniform: torch.Tensor | None = None) -> torch.Tensor:
+        from musubi_tuner.dataset.masks import MASK_CONTENT
+        from musubi_tuner.training.loss import per_sample_loss
         from musubi_tuner.training.timesteps import compute_loss_weighting, sample_noisy_input
 
         latents = self.arch.latents_from_cache(batch["latents"].to(self.device, torch.float32))
@@ -355,11 +381,9 @@ class NetworkTrainer:
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
         noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
                                                       uniform)
-        with self.accelerator.autocast(), self._forward_context():
+        with self._predict_context():
             pred = self.arch.predict(self.dit, batch, noisy, timesteps)
-        target = noise - latents
-        loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="none")
-        loss = loss.mean(dim=list(range(1, loss.ndim)))
+        loss = per_sample_loss(pred, noise - latents, batch.get(MASK_CONTENT))
         loss = loss * compute_loss_weighting(self.args.weighting_scheme, timesteps).to(loss.device)
         return loss.mean()
 
@@ -378,6 +402,13 @@ class NetworkTrainer:
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         return bad.item() == 0
+
+    def _predict_context(self) -> contextlib.ExitStack:
+        """Autocast plus the block-swap recompute context, around every DiT forward."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.accelerator.autocast())
+        stack.enter_context(self._forward_context())
+        return stack
 
     def _forward_context(self):
         if self.args.blocks_to_swap:
@@ -415,6 +446,8 @@ class NetworkTrainer:
             self._save(names.step_ckpt_name(self.args.output_name, step), kind="step", number=step)
         if self.args.sample_every_n_steps and step % self.args.sample_every_n_steps == 0:
             self._sample(step=step)
+        if self.args.validate_every_n_steps and step % self.args.validate_every_n_steps == 0:
+            self._validate(step)
 
     def _end_epoch(self) -> None:
         self.progress.epoch += 1
@@ -426,6 +459,8 @@ class NetworkTrainer:
             self._save(names.epoch_ckpt_name(self.args.output_name, epoch), kind="epoch", number=epoch)
         if self.args.sample_every_n_epochs and epoch % self.args.sample_every_n_epochs == 0:
             self._sample(epoch=epoch)
+        if self.args.validate_every_n_epochs and epoch % self.args.validate_every_n_epochs == 0:
+            self._validate(self.progress.global_step)
 
     # ---- saving --------------------------------------------------------------------------------
     def _run_metadata(self) -> dict[str, str]:
@@ -525,6 +560,22 @@ class NetworkTrainer:
                 self.samples.run(self.dit, epoch=epoch, step=step, autocast=self.accelerator.autocast)
             finally:
                 self.network.train()
+
+    def _validate(self, step: int) -> None:
+        """The validation loss (main process only; it draws nothing from the training RNG streams)."""
+        if self.validation is None or not self.accelerator.is_main_process:
+            return
+        from musubi_tuner.training.validation import describe
+
+        self.network.eval()  # no LoRA dropout
+        try:
+            logs = self.validation.evaluate(self.arch, self.dit, self.device, self._predict_context)
+        finally:
+            self.network.train()
+        self.validation_history.append((step, logs))
+        self.bar.write(f"validation loss at step {step}: {describe(logs)}")
+        if self.log_with:
+            self.accelerator.log(logs, step=step)
 
     def _finish(self) -> Path:
         self.accelerator.wait_for_everyone()
