@@ -157,11 +157,11 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _add_validation(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--validate_every_n_steps", type=int, default=None,
+    p.add_argument("--validate_every_n_steps", type=positive_int, default=None,
                    help="compute the loss over the dataset config's [[validation_datasets]] every N steps")
-    p.add_argument("--validate_every_n_epochs", type=int, default=None,
+    p.add_argument("--validate_every_n_epochs", type=positive_int, default=None,
                    help="compute the validation loss every N epochs")
-    p.add_argument("--validation_seed", type=int, default=None,
+    p.add_argument("--validation_seed", type=seed_int, default=None,
                    help="seed of the fixed validation noise (default: --seed)")
 
 
@@ -342,11 +342,6 @@ def _check_timesteps(args: argparse.Namespace) -> None:
         raise UserError(f"--min_timestep ({lo}) must be smaller than --max_timestep ({hi})")
 
 
-def _check_validation(args: argparse.Namespace) -> None:
-    for name in ("validate_every_n_steps", "validate_every_n_epochs"):
-        _at_least(args, name, 1)
-
-
 def _check_unsupported(args: argparse.Namespace) -> None:
     used = [f"--{name}" for name in HUGGINGFACE_FLAGS if getattr(args, name, None) not in (None, False)]
     if used:
@@ -365,4 +360,3 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise UserError("--fp8_scaled needs --fp8_base")
     _check_saving(args)
     _check_timesteps(args)
-    _check_validation(args)
