@@ -151,8 +151,9 @@ def wan_bare_inputs(dit_path: Path, toml: Path, args: argparse.Namespace) -> tup
 
 
 def hv_bare_inputs(dit_path: Path, args: argparse.Namespace) -> tuple:
-    """(DiT, latents, forward(noisy, t)) for HunyuanVideo: random latents and text-encoder outputs of the real
-    widths (LLM 4096, CLIP pooled 768), every text token valid, embedded guidance 1.0 as the reference trains."""
+    """(DiT, latents, forward(noisy, t)) for HunyuanVideo: random latents and text-encoder outputs of the widths
+    the file has (released: LLM 4096, CLIP pooled 768), every text token valid, embedded guidance 1.0 as the
+    reference trains."""
     import torch
 
     from musubi_tuner.architectures.hunyuan_video.dit_files import load_hv_dit
@@ -161,10 +162,12 @@ def hv_bare_inputs(dit_path: Path, args: argparse.Namespace) -> tuple:
     dit = load_hv_dit(dit_path, device=device, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     b = args.batch_size
-    latents = torch.randn(b, 16, (args.frames - 1) // 4 + 1, args.size // 8, args.size // 8, generator=generator)
-    text = torch.randn(b, args.text_tokens, 4096, generator=generator).to(device, dtype)
+    config = dit.config
+    latents = torch.randn(b, config.in_channels, (args.frames - 1) // 4 + 1, args.size // 8, args.size // 8,
+                          generator=generator)
+    text = torch.randn(b, args.text_tokens, config.text_embed_dim, generator=generator).to(device, dtype)
     text_mask = torch.ones(b, args.text_tokens, dtype=torch.bool, device=device)
-    pooled = torch.randn(b, 768, generator=generator).to(device, dtype)
+    pooled = torch.randn(b, config.pooled_projection_dim, generator=generator).to(device, dtype)
     guidance = torch.full((b,), 1000.0, device=device, dtype=dtype)  # --guidance_scale 1.0, x1000 as the reference
 
     def forward(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -175,27 +178,31 @@ def hv_bare_inputs(dit_path: Path, args: argparse.Namespace) -> tuple:
     return dit, latents.to(device), forward
 
 
-def run_bare(arch_name: str, dit, latents, forward, args: argparse.Namespace, steps: int) -> list[float]:
-    """forward + MSE + backward + AdamW with a LoRA on the family's default targets, on one batch held in memory;
-    per-step seconds. fp8 storage and gradient checkpointing as the trainer applies them."""
-    import torch
-
+def attach_lora(arch_name: str, dit, args: argparse.Namespace):
+    """fp8 storage and gradient checkpointing as the trainer applies them, then a LoRA of rank and alpha
+    --network_dim on the family's default targets; returns the network (in training mode)."""
     from musubi_tuner.architectures import get_architecture
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
     from musubi_tuner.networks import lora
 
     arch = get_architecture(arch_name)
-    device, dtype = bare_precision(args)
     if args.fp8_base:
         store_dit_in_fp8(dit, arch.fp8_targets, scaled=False)
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     network = lora.create_network(arch, dit, args.network_dim, args.network_dim)
-    network.to(device)
+    network.to(bare_precision(args)[0])
     network.apply_to()
     network.train()
-    optimizer = torch.optim.AdamW(network.prepare_optimizer_params(1e-4), lr=1e-4)
+    return network
 
+
+def run_bare(network, latents, forward, args: argparse.Namespace, steps: int) -> list[float]:
+    """forward + MSE + backward + AdamW on `network`'s parameters, one batch held in memory; per-step seconds."""
+    import torch
+
+    device, dtype = bare_precision(args)
+    optimizer = torch.optim.AdamW(network.prepare_optimizer_params(1e-4), lr=1e-4)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     times = []
     for _ in range(steps):
@@ -276,7 +283,7 @@ def main_hunyuan_video(args: argparse.Namespace, root: Path) -> dict:
     write_random_checkpoint(spec.original_shapes(), path, prefix=spec.key_prefix)
     dit, latents, forward = hv_bare_inputs(path, args)
     params = sum(p.numel() for p in dit.parameters())
-    times = run_bare("hunyuan_video", dit, latents, forward, args, args.warmup + args.steps)
+    times = run_bare(attach_lora("hunyuan_video", dit, args), latents, forward, args, args.warmup + args.steps)
     print(describe_run(args, f"{spec.title} ({params / 1e6:.0f} M parameters); {args.text_tokens} text tokens"))
     print(f"# machine: {machine_description()}")
     print_table(["loop", "first step s", "median step s", "mean step s", "stdev s", "steps"],
@@ -292,7 +299,8 @@ def main_wan(args: argparse.Namespace, root: Path) -> dict:
     if not args.bare_only:
         trainer_times, trainer_wall = run_trainer(training_argv(root / "dit.safetensors", toml, root / "out", args,
                                                                 total_steps))
-    bare_times = run_bare("wan", *wan_bare_inputs(root / "dit.safetensors", toml, args), args, total_steps)
+    dit, latents, forward = wan_bare_inputs(root / "dit.safetensors", toml, args)
+    bare_times = run_bare(attach_lora("wan", dit, args), latents, forward, args, total_steps)
     print(describe_run(args, f"Wan DiT dim {args.dim}, {args.layers} layers, ffn {config['ffn_dim']}, "
                              f"text {args.text_dim}"))
     print(f"# machine: {machine_description()}")
