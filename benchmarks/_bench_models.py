@@ -40,8 +40,8 @@ class BenchDiT:
     load: Callable[..., Any]
     """(path, device=..., dtype=...) -> frozen diffusers DiT."""
     key_prefix: str = ""
-    parameter_count: Callable[[], int] | None = None
-    """Parameters of the full released model when this one has fewer blocks (None: this is the released size)."""
+    released_meta_model: Callable[[], Any] | None = None
+    """The released model on the meta device (shapes only) when this one has fewer blocks (None: this is it)."""
 
 
 def _wan_shapes() -> dict[str, tuple[int, ...]]:
@@ -88,7 +88,7 @@ def bench_dit(arch: str, blocks: tuple[int, int] | None = None) -> BenchDiT:
             f"hunyuan_video_{double}d{single}s_random_bf16.safetensors", lambda: _hv_shapes(double, single), _load_hv,
             # ComfyUI's repackaged file (hunyuan_video_t2v_720p_bf16.safetensors) keeps this prefix
             key_prefix="model.diffusion_model.",
-            parameter_count=lambda: sum(p.numel() for p in _hv_meta_model(*HV_RELEASED_BLOCKS).parameters()),
+            released_meta_model=lambda: _hv_meta_model(*HV_RELEASED_BLOCKS),
         )
     raise ValueError(f"unknown benchmark architecture {arch!r}; choose wan or hunyuan_video")
 

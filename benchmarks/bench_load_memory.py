@@ -68,9 +68,7 @@ def measure_in_this_process(dit_spec: BenchDiT, path: Path, mode: str, device: s
         _touch_every_weight(dit)
     result["touch_s"] = touch_s[0]
     gc.collect()
-    result["param_mib"] = sum(p.numel() * p.element_size() for p in dit.parameters()) / 2**20
-    result["params_m"] = sum(p.numel() for p in dit.parameters()) / 1e6
-    result["fp8_params_m"] = sum(p.numel() for p in dit.parameters() if p.element_size() == 1) / 1e6
+    result.update(weight_figures(dit))
     result["rss_after_mib"] = current_rss_mib()
     result["rss_after_anon_mib"] = rss_breakdown_mib()["anon"]
     result["peak_rss_mib"] = peak_rss_mib()
@@ -97,19 +95,39 @@ def measure_in_child(args: argparse.Namespace, path: Path, mode: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def extrapolate(result: dict, full_params: int) -> dict:
-    """A measured row scaled to the released model, linearly in its parameter count: only blocks are added, and
-    every parameter is assumed to cost what the measured ones cost on average (seconds, MiB above "RSS before")."""
-    scale = full_params / (result["params_m"] * 1e6)
+def weight_figures(dit) -> dict:
+    """Parameter counts and weight MiB of a (possibly meta-device) model, as the measured rows report them."""
+    params = list(dit.parameters())
+    return {"params_m": sum(p.numel() for p in params) / 1e6,
+            "fp8_params_m": sum(p.numel() for p in params if p.element_size() == 1) / 1e6,
+            "param_mib": sum(p.numel() * p.element_size() for p in params) / 2**20}
+
+
+def released_weights(dit_spec: BenchDiT, mode: str) -> dict:
+    """`weight_figures` of the released model in `mode`, exact: built on the meta device and cast like a load."""
+    from musubi_tuner.architectures import get_architecture
+    from musubi_tuner.memory.fp8 import store_dit_in_fp8
+
+    import torch
+
+    dit = dit_spec.released_meta_model()._apply(lambda t: t.to(torch.bfloat16))  # nn.Module's, not diffusers' .to
+    if mode == "fp8_base":
+        store_dit_in_fp8(dit, get_architecture(dit_spec.arch).fp8_targets, scaled=False)
+    return weight_figures(dit)
+
+
+def extrapolate(result: dict, released: dict) -> dict:
+    """A measured row scaled to the released model (`released`: its exact `weight_figures` in the same mode).
+    Only blocks are added, so seconds and the MiB above "RSS before" are scaled linearly in the weight bytes:
+    every added byte is assumed to cost what the measured bytes cost on average."""
+    scale = released["param_mib"] / result["param_mib"]
     base = result["rss_before_mib"]
-    out = dict(result, params_m=full_params / 1e6, fp8_params_m=result["fp8_params_m"] * scale)
-    for key in ("load_s", "cast_s", "param_mib", "cuda_peak_mib", "cuda_now_mib"):
-        if key not in result:
-            continue
-        out[key] = result[key] * scale
-    for key in ("rss_loaded_mib", "rss_after_mib", "peak_rss_mib"):
+    out = dict(result, **released)
+    for key in ("load_s", "cast_s", "cuda_peak_mib", "cuda_now_mib"):
+        if key in result:
+            out[key] = result[key] * scale
+    for key in ("rss_loaded_mib", "rss_after_mib", "rss_after_anon_mib", "peak_rss_mib"):
         out[key] = base + (result[key] - base) * scale
-    out["rss_after_anon_mib"] = base + (result["rss_after_anon_mib"] - base) * scale
     return out
 
 
@@ -168,10 +186,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cuda:
         headers += ["CUDA peak MiB", "CUDA after MiB"]
     rows = table_rows(results, cuda)
-    if dit_spec.parameter_count is not None:
-        full_params = dit_spec.parameter_count()
-        rows += table_rows([extrapolate(r, full_params) for r in results], cuda,
-                           label=" ESTIMATE for the released blocks (not measured)")
+    if dit_spec.released_meta_model is not None:
+        released = {mode: released_weights(dit_spec, mode) for mode in MODES}
+        rows += table_rows([extrapolate(r, released[r["mode"]]) for r in results], cuda,
+                           label=" ESTIMATE for the released blocks (weights exact, the rest not measured)")
     print_table(headers, rows)
     print(f"(bench_load_memory took {time.perf_counter() - start:.0f} s)")
     return results

@@ -41,16 +41,30 @@ def test_random_checkpoint_is_bf16_under_the_prefix_and_seeded(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_extrapolation_scales_seconds_and_memory_above_the_baseline_by_parameters():
-    measured = {"mode": "bf16", "params_m": 1000.0, "fp8_params_m": 600.0, "load_s": 2.0, "cast_s": 1.0,
+def test_extrapolation_takes_exact_weights_and_scales_the_rest_by_weight_bytes():
+    measured = {"mode": "bf16", "params_m": 1000.0, "fp8_params_m": 0.0, "load_s": 2.0, "cast_s": 1.0,
                 "param_mib": 2000.0, "rss_before_mib": 300.0, "rss_loaded_mib": 400.0, "rss_after_mib": 2300.0,
                 "rss_after_anon_mib": 350.0, "peak_rss_mib": 2500.0}
-    est = bench_load_memory.extrapolate(measured, full_params=4_000_000_000)
-    assert est["params_m"] == 4000.0 and est["fp8_params_m"] == 2400.0
-    assert (est["load_s"], est["cast_s"], est["param_mib"]) == (8.0, 4.0, 8000.0)
+    released = {"params_m": 4000.0, "fp8_params_m": 3000.0, "param_mib": 8000.0}
+    est = bench_load_memory.extrapolate(measured, released)
+    assert (est["params_m"], est["fp8_params_m"], est["param_mib"]) == (4000.0, 3000.0, 8000.0)
+    assert (est["load_s"], est["cast_s"]) == (8.0, 4.0)
     assert (est["rss_before_mib"], est["rss_loaded_mib"], est["rss_after_mib"]) == (300.0, 700.0, 8300.0)
     assert (est["rss_after_anon_mib"], est["peak_rss_mib"]) == (500.0, 9100.0)
     assert "cuda_peak_mib" not in est
+
+
+def test_released_hv_weights_are_counted_exactly_with_modulation_left_in_bf16():
+    spec = bench_dit("hunyuan_video", (1, 1))
+    bf16, fp8 = (bench_load_memory.released_weights(spec, mode) for mode in ("bf16", "fp8_base"))
+    assert bf16["params_m"] * 1e6 == 12_821_012_544 and bf16["fp8_params_m"] == 0
+    assert bf16["param_mib"] == 12_821_012_544 * 2 / 2**20
+    # fp8: the block Linears but modulation (diffusers' "norm" skip matches norm1.linear / norm.linear)
+    # weights only (biases stay bf16): per double-block stream qkv 3h^2, proj h^2, MLP 4h^2 + 4h^2; per single
+    # block linear1 (3h + 4h) x h, linear2 h x 5h
+    h = 3072
+    assert fp8["fp8_params_m"] * 1e6 == 20 * 2 * 12 * h * h + 40 * 12 * h * h
+    assert fp8["param_mib"] == (bf16["params_m"] * 1e6 * 2 - fp8["fp8_params_m"] * 1e6) / 2**20
 
 
 def test_hv_train_bench_needs_bare_only():
