@@ -2,8 +2,8 @@
 
 `--arch wan` (default): Wan2.1-1.3B shapes (30 layers, width 1536, FFN 8960, 12 heads; about 2.8 GB).
 `--arch hunyuan_video`: HunyuanVideo's released widths (3072, 24 heads of 128, MLP x4, text 4096, pooled 768,
-guidance embedding, 2 refiner blocks) with fewer blocks (`--hv_blocks 4 8`: 4 double + 8 single, about 5.6 GB),
-in ComfyUI's `model.diffusion_model.` layout; the table adds a column extrapolated to the released 20 + 40 blocks.
+guidance embedding, 2 refiner blocks) with fewer blocks (`--hv_blocks 4 8`: 4 double + 8 single, about 5.7 GB),
+in ComfyUI's `model.diffusion_model.` layout; the table adds rows extrapolated to the released 20 + 40 blocks.
 
 The checkpoint (random bf16 weights) is written once under --work_dir and reused. Each measurement runs in a fresh
 Python process, so its peak RSS (`ru_maxrss`) belongs to that load alone:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="HunyuanVideo blocks written and measured (released: 20 40; about 0.7 GB per double "
                              "and 0.3 GB per single block in bf16)")
     parser.add_argument("--work_dir", type=Path, default=DEFAULT_WORK_DIR,
-                        help="where the checkpoint is kept (Wan 2.8 GB, HunyuanVideo 4+8 blocks 5.6 GB)")
+                        help="where the checkpoint is kept (Wan 2.8 GB, HunyuanVideo 4+8 blocks 5.7 GB)")
     parser.add_argument("--skip_write", action="store_true", help="never (re)write the checkpoint; it must exist")
     parser.add_argument("--device", default="cpu", help="load target: cpu or cuda")
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per mode (the table shows each)")
