@@ -264,9 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def describe_run(args: argparse.Namespace, model: str) -> str:
     tokens = ((args.frames - 1) // 4 + 1) * (args.size // 16) ** 2
+    extras = ", fp8_base" if args.fp8_base else ""
+    extras += ", gradient checkpointing" if args.gradient_checkpointing else ""
     return (f"# bench_train_overhead: {model}; {args.batch_size} x {args.frames}f {args.size}px ({tokens} video "
-            f"tokens); LoRA rank {args.network_dim}; mixed_precision {args.mixed_precision}"
-            f"{', fp8_base' if args.fp8_base else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+            f"tokens); LoRA rank {args.network_dim}; mixed_precision {args.mixed_precision}{extras}")
 
 
 def step_row(label: str, times: list[float], warmup: int) -> list:
