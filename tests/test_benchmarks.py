@@ -1,0 +1,97 @@
+"""The benchmark scripts' own logic: the HunyuanVideo benchmark DiT has the released widths in the layout users
+have, the extrapolated row follows its stated rule, and the bare LoRA step trains a HunyuanVideo DiT."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_load_memory  # noqa: E402
+import bench_train_overhead  # noqa: E402
+from _bench_models import bench_dit, write_random_checkpoint  # noqa: E402
+
+from musubi_tuner.architectures.hunyuan_video.dit_files import infer_hv_config  # noqa: E402
+
+
+def test_hv_bench_dit_has_released_widths_and_the_requested_blocks():
+    spec = bench_dit("hunyuan_video", (1, 2))
+    config = infer_hv_config(spec.original_shapes())
+    assert (config["num_layers"], config["num_single_layers"], config["num_refiner_layers"]) == (1, 2, 2)
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["mlp_ratio"]) == (24, 128, 4.0)
+    assert (config["text_embed_dim"], config["pooled_projection_dim"]) == (4096, 768)
+    assert (config["in_channels"], config["out_channels"], config["guidance_embeds"]) == (16, 16, True)
+    assert spec.key_prefix == "model.diffusion_model."  # ComfyUI's repackaged layout
+
+
+def test_random_checkpoint_is_bf16_under_the_prefix_and_seeded(tmp_path):
+    from safetensors.torch import load_file
+
+    shapes = {"img_in.proj.weight": (4, 3), "final_layer.linear.bias": (5,)}
+    write_random_checkpoint(shapes, tmp_path / "a.safetensors", prefix="model.diffusion_model.", seed=3)
+    write_random_checkpoint(shapes, tmp_path / "b.safetensors", prefix="model.diffusion_model.", seed=3)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert {k: tuple(v.shape) for k, v in a.items()} == {"model.diffusion_model." + k: v for k, v in shapes.items()}
+    assert all(v.dtype == torch.bfloat16 for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extrapolation_takes_exact_weights_and_scales_the_rest_by_weight_bytes():
+    measured = {"mode": "bf16", "params_m": 1000.0, "fp8_params_m": 0.0, "load_s": 2.0, "cast_s": 1.0,
+                "param_mib": 2000.0, "rss_before_mib": 300.0, "rss_loaded_mib": 400.0, "rss_after_mib": 2300.0,
+                "rss_after_anon_mib": 350.0, "peak_rss_mib": 2500.0}
+    released = {"params_m": 4000.0, "fp8_params_m": 3000.0, "param_mib": 8000.0}
+    est = bench_load_memory.extrapolate(measured, released)
+    assert (est["params_m"], est["fp8_params_m"], est["param_mib"]) == (4000.0, 3000.0, 8000.0)
+    assert (est["load_s"], est["cast_s"]) == (8.0, 4.0)
+    assert (est["rss_before_mib"], est["rss_loaded_mib"], est["rss_after_mib"]) == (300.0, 700.0, 8300.0)
+    assert (est["rss_after_anon_mib"], est["peak_rss_mib"]) == (500.0, 9100.0)
+    assert "cuda_peak_mib" not in est
+
+
+def test_released_hv_weights_are_counted_exactly_with_modulation_left_in_bf16():
+    spec = bench_dit("hunyuan_video", (1, 1))
+    bf16, fp8 = (bench_load_memory.released_weights(spec, mode) for mode in ("bf16", "fp8_base"))
+    assert bf16["params_m"] * 1e6 == 12_821_012_544 and bf16["fp8_params_m"] == 0
+    assert bf16["param_mib"] == 12_821_012_544 * 2 / 2**20
+    # fp8: the block Linears but modulation (diffusers' "norm" skip matches norm1.linear / norm.linear)
+    # weights only (biases stay bf16): per double-block stream qkv 3h^2, proj h^2, MLP 4h^2 + 4h^2; per single
+    # block linear1 (3h + 4h) x h, linear2 h x 5h
+    h = 3072
+    assert fp8["fp8_params_m"] * 1e6 == 20 * 2 * 12 * h * h + 40 * 12 * h * h
+    assert fp8["param_mib"] == (bf16["params_m"] * 1e6 * 2 - fp8["fp8_params_m"] * 1e6) / 2**20
+
+
+def test_hv_train_bench_needs_bare_only():
+    with pytest.raises(SystemExit):
+        bench_train_overhead.parse_args(["--arch", "hunyuan_video"])
+    assert bench_train_overhead.parse_args(["--arch", "hunyuan_video", "--bare_only"]).hv_blocks == [1, 2]
+
+
+@pytest.mark.parametrize("fp8_base", [False, True])
+def test_bare_lora_step_trains_a_hunyuan_video_dit(tmp_path, fp8_base):
+    from musubi_tuner.architectures.hunyuan_video.tiny import write_tiny_hv_dit
+
+    path = write_tiny_hv_dit(tmp_path, layout="comfy")
+    args = argparse.Namespace(batch_size=1, frames=5, size=32, text_tokens=4, mixed_precision="no",
+                              fp8_base=fp8_base, gradient_checkpointing=False, network_dim=4)
+    dit, latents, forward = bench_train_overhead.hv_bare_inputs(path, args)
+    assert tuple(latents.shape) == (1, 16, 2, 4, 4)
+    network = bench_train_overhead.attach_lora("hunyuan_video", dit, args)
+    frozen = {n: p.detach().clone() for n, p in dit.state_dict().items()}
+    ups = {k: v.clone() for k, v in network.state_dict().items() if "lora_up" in k}
+    assert ups and all(not v.any() for v in ups.values())  # LoRA up starts at zero
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in ups)
+    assert not any("_mod_" in k or "modulation" in k for k in ups)  # the reference never targets modulation
+
+    times = bench_train_overhead.run_bare(network, latents, forward, args, steps=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    after = network.state_dict()
+    assert all(after[k].abs().sum() > 0 for k in ups)  # AdamW moved every LoRA up matrix
+    assert all(torch.equal(dit.state_dict()[n].float(), v.float()) for n, v in frozen.items())  # the DiT is frozen
+    assert any(p.dtype == torch.float8_e4m3fn for p in dit.parameters()) == fp8_base
