@@ -29,6 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside the functions so that --help stays fast
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_util import machine_description, median, offline_environment, print_table, stopwatch  # noqa: E402
