@@ -359,6 +359,7 @@ class NetworkTrainer:
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
         noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
                                                       uniform)
+        batch = {**batch, **self.arch.training_conditioning(self.args)}
         with self.accelerator.autocast(), self._forward_context():
             pred = self.arch.predict(self.dit, batch, noisy, timesteps)
         target = noise - latents
