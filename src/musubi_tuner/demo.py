@@ -113,6 +113,15 @@ def print_summary(losses: list[float], timings: dict[str, float], outputs: dict[
         print(f"  {what:<24} {path}")
 
 
+def write_image_and_video_toml(out: Path, data: dict[str, Path]) -> None:
+    """`dataset.toml` for `make_demo_dataset`'s images and clips (1- and 9-frame windows from each clip's head)."""
+    (out / "dataset.toml").write_text(
+        f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
+        f'cache_directory = "{(out / "cache" / "images").as_posix()}"\n\n'
+        f'[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
+        f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n')
+
+
 def wan_demo(out: Path, steps: int) -> dict[str, Path]:
     """Wan: images and short clips of moving shapes; generate a 9-frame clip."""
     from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
@@ -123,11 +132,7 @@ def wan_demo(out: Path, steps: int) -> dict[str, Path]:
     models = write_tiny_wan_files(out / "models", "t2v-1.3B")
     encoders = write_tiny_wan_encoder_files(out / "models")
     data = make_demo_dataset(out / "data")
-    (out / "dataset.toml").write_text(
-        f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
-        f'cache_directory = "{(out / "cache" / "images").as_posix()}"\n\n'
-        f'[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
-        f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n')
+    write_image_and_video_toml(out, data)
     prompts = out / "sample_prompts.txt"
     prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --l 1.0\n")
     task = ["--task", "t2v-1.3B"]
@@ -192,11 +197,7 @@ def hunyuan_video_demo(out: Path, steps: int) -> dict[str, Path]:
     vae = write_tiny_hv_vae(out / "models" / "vae", "official_pt")
     text = write_tiny_hunyuan_text_files(out / "models" / "text")
     data = make_demo_dataset(out / "data", fps=24.0)
-    (out / "dataset.toml").write_text(
-        f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
-        f'cache_directory = "{(out / "cache" / "images").as_posix()}"\n\n'
-        f'[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
-        f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n')
+    write_image_and_video_toml(out, data)
     prompts = out / "sample_prompts.txt"
     prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --fs 7.0\n")
     return run_workflow(Workflow(
