@@ -96,10 +96,11 @@ def load_dit(arch_name: str, path: Path, device: str):
 
 def measure_in_this_process(path: Path, mode: str, device: str, arch_name: str) -> dict:
     """Load (and for fp8_base cast) the DiT; called in a fresh child process."""
+    import diffusers  # noqa: F401  (import cost is not part of the load)
+    import torch
+
     from musubi_tuner.architectures import get_architecture
     from musubi_tuner.memory.fp8 import cast_linear_weights_to_fp8
-
-    import diffusers  # noqa: F401  (import cost is not part of the load)
 
     gc.collect()
     result = {"mode": mode, "rss_before_mib": current_rss_mib(), "peak_before_mib": peak_rss_mib()}

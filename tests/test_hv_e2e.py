@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from wan_fixtures import run, write_clip_dataset
 
 from musubi_tuner import cache_latents, cache_text_encoder_outputs, hv_generate_video, hv_train_network, merge_lora
 from musubi_tuner.architectures import get_architecture
 from musubi_tuner.architectures.hunyuan_video.tiny import write_tiny_hv_dit
 from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
 from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
-from wan_fixtures import run, write_clip_dataset
 
 ARCH = get_architecture("hunyuan_video")
 
