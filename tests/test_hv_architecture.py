@@ -40,9 +40,9 @@ def test_predict_equals_the_diffusers_forward_with_guidance_x1000():
     with torch.no_grad():
         got = ARCH.predict(dit, batch, x, t)
     assert torch.equal(got, _by_hand(dit, x, t, batch, torch.tensor([6000.0])))
-    # the default when a request gives none is the reference's 6.0, also x1000
+    # without a request's guidance (training-side callers): the reference trainer's default, 1.0 as is
     with torch.no_grad():
-        assert torch.equal(ARCH.predict(dit, _batch(), x, t), got)
+        assert torch.equal(ARCH.predict(dit, _batch(), x, t), _by_hand(dit, x, t, _batch(), torch.tensor([1.0])))
     # a different guidance must change the output (the embedder is really driven)
     with torch.no_grad():
         assert not torch.allclose(ARCH.predict(dit, {**_batch(), "guidance": torch.tensor([1.0])}, x, t), got)

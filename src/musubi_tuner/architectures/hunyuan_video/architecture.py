@@ -39,6 +39,8 @@ VAE_SCALING_FACTOR = 0.476986
 """Same value as `models.hunyuan_video.vae_files.HV_VAE_SCALING_FACTOR` (kept import-free for the registry)."""
 GUIDANCE_EMBED_SCALE = 1000.0
 """Generation feeds the embedded guidance scale x1000 to the guidance embedder (reference and diffusers alike)."""
+TRAINING_GUIDANCE_INPUT = 1.0
+"""The reference trainer's default `--guidance_scale`, fed to the guidance embedder without the x1000."""
 I2V_IN_CHANNELS = 32
 """SkyReels V1 I2V: 16 noisy + 16 image-latent channels."""
 SINGLE_BLOCK_LORA_PATTERN = r"single_blocks|single_transformer_blocks"
@@ -263,12 +265,12 @@ class HunyuanVideoArchitecture(Architecture):
         return out.to(noisy_latents.dtype)
 
     def _guidance_input(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The guidance embedder's input: `guidance_input` as is (training), else `guidance` (the embedded scale
-        of a generation request) x1000, else the default scale 6.0 x1000."""
-        if "guidance_input" in batch:
-            return torch.as_tensor(batch["guidance_input"], dtype=torch.float32)
-        scale = batch.get("guidance", self.generation_defaults.embedded_guidance)
-        return torch.as_tensor(scale, dtype=torch.float32) * GUIDANCE_EMBED_SCALE
+        """The guidance embedder's input: `guidance` (the embedded scale of a generation request, always set by
+        the generation code) x1000; else `guidance_input` as is (training, `training_conditioning`); else the
+        reference trainer's default, 1.0 as is, so any training-side caller without the flags matches it."""
+        if "guidance" in batch:
+            return torch.as_tensor(batch["guidance"], dtype=torch.float32) * GUIDANCE_EMBED_SCALE
+        return torch.as_tensor(batch.get("guidance_input", TRAINING_GUIDANCE_INPUT), dtype=torch.float32)
 
     def _image_condition(self, batch: dict[str, Any]) -> torch.Tensor:
         """SkyReels V1 I2V conditioning (B, 16, F, H, W): the start image's latents in frame 0, zeros after.
