@@ -18,8 +18,15 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "musubi_tuner"
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-# the reference's per-architecture script names: <arch>_<stage>.py
-ARCH_SCRIPTS = sorted(p for p in PACKAGE.glob("*_*.py") if p.stem.split("_")[0] in ("wan", "flux"))
+# the reference's per-architecture script names: <arch>_<stage>.py, and HunyuanVideo's unprefixed caching scripts
+HV_UNPREFIXED = ("cache_latents", "cache_text_encoder_outputs")
+ARCH_SCRIPTS = sorted([p for p in PACKAGE.glob("*_*.py") if p.stem.split("_")[0] in ("wan", "flux", "hv")]
+                      + [PACKAGE / f"{stem}.py" for stem in HV_UNPREFIXED])
+
+
+def console_name(stem: str) -> str:
+    """`wan_train_network` -> `musubi-wan-train-network`; HunyuanVideo's `cache_latents` -> `musubi-hv-cache-latents`."""
+    return f"musubi-{'hv_' if stem in HV_UNPREFIXED else ''}{stem}".replace("_", "-")
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -35,15 +42,16 @@ def test_architecture_scripts_are_thin_wrappers(path):
     body = [n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom, ast.Expr))]
     assert [type(n).__name__ for n in body] == ["FunctionDef", "If"], path.name
     assert body[0].name == "main" and len(body[0].body) == 1
-    assert f"musubi-{path.stem.replace('_', '-')}" in SCRIPTS, "every reference script is also a console command"
+    assert console_name(path.stem) in SCRIPTS, "every reference script is also a console command"
 
 
-@pytest.mark.parametrize("script", ["wan_train_network.py", "wan_generate_video.py"])
+@pytest.mark.parametrize("script", ["wan_train_network.py", "wan_generate_video.py", "hv_generate_video.py",
+                                    "cache_latents.py"])
 def test_scripts_run_as_files_in_the_reference_layout(script):
     result = subprocess.run([sys.executable, str(PACKAGE / script), "--help"], capture_output=True, text=True,
                             timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "--dit" in result.stdout
+    assert "--dit" in result.stdout or "--vae" in result.stdout
 
 
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):

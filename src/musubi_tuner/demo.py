@@ -2,8 +2,8 @@
 
 cache latents -> cache text encoder outputs -> train a LoRA (with samples) -> generate with it -> merge it
 into the DiT. Every stage runs through the same command-line entry points a user runs; the tiny model files
-are written in the real on-disk layouts (ComfyUI/BFL DiT, original VAE, official umT5 .pth, ComfyUI text
-encoders) and loaded by the real loaders.
+are written in the real on-disk layouts (ComfyUI/BFL DiT, official HunyuanVideo .pt DiT and VAE, original VAE,
+official umT5 .pth, ComfyUI text encoders) and loaded by the real loaders.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-DEMO_ARCHS = ("wan", "flux_kontext")
+DEMO_ARCHS = ("wan", "flux_kontext", "hunyuan_video")
 GENERAL = '[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
 
 
@@ -117,16 +117,11 @@ def print_summary(losses: list[float], timings: dict[str, float], outputs: dict[
         print(f"  {what:<24} {path}")
 
 
-def wan_demo(out: Path, steps: int) -> dict[str, Path]:
-    """Wan: images and short clips of moving shapes; generate a 9-frame clip."""
-    from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
-    from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
-    from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
-    from musubi_tuner.demo_data import make_demo_dataset, make_validation_images
+def write_image_and_video_toml(out: Path, data: dict[str, Path]) -> None:
+    """`dataset.toml` for `make_demo_dataset`'s images (10 % caption dropout) and clips (1- and 9-frame windows from
+    each clip's head), plus held-out images as `[[validation_datasets]]`."""
+    from musubi_tuner.demo_data import make_validation_images
 
-    models = write_tiny_wan_files(out / "models", "t2v-1.3B")
-    encoders = write_tiny_wan_encoder_files(out / "models")
-    data = make_demo_dataset(out / "data")
     held_out = make_validation_images(out / "data" / "validation")
     (out / "dataset.toml").write_text(
         f'{GENERAL}\n[[datasets]]\nimage_directory = "{data["images"].as_posix()}"\n'
@@ -135,6 +130,19 @@ def wan_demo(out: Path, steps: int) -> dict[str, Path]:
         f'cache_directory = "{(out / "cache" / "videos").as_posix()}"\ntarget_frames = [1, 9]\nframe_extraction = "head"\n\n'
         f'[[validation_datasets]]\nimage_directory = "{held_out.as_posix()}"\n'
         f'cache_directory = "{(out / "cache" / "validation").as_posix()}"\n')
+
+
+def wan_demo(out: Path, steps: int) -> dict[str, Path]:
+    """Wan: images and short clips of moving shapes; generate a 9-frame clip."""
+    from musubi_tuner import wan_cache_latents, wan_cache_text_encoder_outputs, wan_generate_video, wan_train_network
+    from musubi_tuner.architectures.wan.tiny import write_tiny_wan_files
+    from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
+    from musubi_tuner.demo_data import make_demo_dataset
+
+    models = write_tiny_wan_files(out / "models", "t2v-1.3B")
+    encoders = write_tiny_wan_encoder_files(out / "models")
+    data = make_demo_dataset(out / "data")
+    write_image_and_video_toml(out, data)
     prompts = out / "sample_prompts.txt"
     prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --l 1.0\n")
     task = ["--task", "t2v-1.3B"]
@@ -188,6 +196,36 @@ def flux_kontext_demo(out: Path, steps: int) -> dict[str, Path]:
     ))
 
 
+def hunyuan_video_demo(out: Path, steps: int) -> dict[str, Path]:
+    """HunyuanVideo: the official `.pt` DiT and VAE layouts, LLaVA-LLaMA-3 + CLIP-L; generate a 9-frame clip."""
+    from musubi_tuner import cache_latents, cache_text_encoder_outputs, hv_generate_video, hv_train_network
+    from musubi_tuner.architectures.hunyuan_video.tiny import write_tiny_hv_dit
+    from musubi_tuner.demo_data import make_demo_dataset
+    from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
+    from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
+
+    dit = write_tiny_hv_dit(out / "models", "official_pt")
+    vae = write_tiny_hv_vae(out / "models" / "vae", "official_pt")
+    text = write_tiny_hunyuan_text_files(out / "models" / "text")
+    data = make_demo_dataset(out / "data", fps=24.0)
+    write_image_and_video_toml(out, data)
+    prompts = out / "sample_prompts.txt"
+    prompts.write_text("a red circle on a white background --w 64 --h 64 --f 1 --s 8 --d 1 --fs 7.0\n")
+    return run_workflow(Workflow(
+        out=out, dit=dit,
+        scripts={"cache_latents": cache_latents.main, "cache_text": cache_text_encoder_outputs.main,
+                 "train": hv_train_network.main, "generate": hv_generate_video.main},
+        vae_args=["--vae", str(vae), "--vae_dtype", "float32", "--vae_chunk_size", "32", "--vae_tiling"],
+        text_args=["--text_encoder1", str(text["llm"]), "--text_encoder2", str(text["clip_l"]),
+                   "--llm_tokenizer", str(text["llm_tokenizer"]), "--clip_tokenizer", str(text["clip_tokenizer"]),
+                   "--text_encoder_dtype", "float32"],
+        train_args=["--network_module", "networks.lora", "--timestep_sampling", "shift", "--discrete_flow_shift", "7.0",
+                    *common_train_args(out, steps, prompts), "--validate_every_n_steps", str(max(1, steps // 4))],
+        generate_args=["--prompt", "a red circle moving in a circle", "--video_size", "64", "64", "--video_length", "9",
+                       "--infer_steps", "10", "--embedded_cfg_scale", "6.0", "--output_type", "both"],
+    ))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the tiny end-to-end demo")
     parser.add_argument("--arch", default="wan", choices=DEMO_ARCHS)
@@ -201,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     from musubi_tuner.cli import setup_logging
 
     setup_logging()
-    {"wan": wan_demo, "flux_kontext": flux_kontext_demo}[args.arch](out, args.steps)
+    demos = {"wan": wan_demo, "flux_kontext": flux_kontext_demo, "hunyuan_video": hunyuan_video_demo}
+    demos[args.arch](out, args.steps)
 
 
 if __name__ == "__main__":

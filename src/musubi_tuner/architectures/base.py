@@ -131,6 +131,11 @@ class Architecture:
         """Before any model loads: refuse caches that cannot train this model/task (e.g. T2V caches for an I2V
         task). latent_keys: one latent cache per bucket -> its batch keys. Raise UserError naming a file."""
 
+    def training_conditioning(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Constant batch entries for every training step, from the training flags (HunyuanVideo: the embedded
+        guidance `--guidance_scale`). Default: none."""
+        return {}
+
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Velocity prediction for `noisy_latents` (same shape), conditioned on the batch."""
         raise self._missing("predict")
@@ -168,6 +173,12 @@ class Architecture:
     def generation_conditioning(self, encoders: Any, request: Any, latent_shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
         """Extra batch entries for image/control conditioning (I2V image latents, Kontext control)."""
         return {}
+
+    def generation_source_latents(self, encoders: Any, request: Any, latent_shape: tuple[int, ...],
+                                  args: argparse.Namespace) -> tuple[torch.Tensor, float] | None:
+        """Video to video: (clean DiT-space latents of the source video, strength in (0, 1]) to start the sampler
+        from part way (`inference.video_to_video`); None (the default): start from pure noise."""
+        return None
 
     def prompt_spec_from_args(self, args: argparse.Namespace) -> Any:
         """The generate script's flags (size, frames, images ...) as an `inference.prompts.PromptSpec`."""

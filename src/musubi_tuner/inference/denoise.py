@@ -47,15 +47,20 @@ def denoise(
     generator: torch.Generator | None = None,
     progress: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Run the sampler from noise `latents` (B, ...) and return the final latents (float32).
 
     The positive and negative passes are two `predict` calls (so batch-size-1 memory is enough);
     with `uncond` None or `guidance_scale` 1.0 only the positive pass runs.
     `callback(step_index, latents)` is called after every step (e.g. latent previews).
+    start_step: skip the first steps of the schedule (video to video starts from noised source latents).
     """
     use_cfg = uncond is not None and guidance_scale != 1.0
     timesteps = scheduler.set_timesteps(num_steps, device=latents.device)
+    if start_step:
+        scheduler.begin_at(start_step)
+        timesteps = timesteps[start_step:]
     # The solver works in float32 whatever dtype the DiT runs in; `predict` casts its inputs.
     latents = latents.to(torch.float32)
     batch = latents.shape[0]

@@ -84,6 +84,15 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
         mu = flux_mu(arch.timestep_shift_sequence_length(shape))
     scheduler = make_flow_scheduler(settings.solver, spec.flow_shift or None, mu=mu)
     latents = initial_noise((1, *shape), spec.seed, settings.device)  # drawn on the CPU: same on every device
+    start_step = 0
+    source = arch.generation_source_latents(latent_encoders, spec, shape, args)
+    if source is not None:  # video to video: start part way, from the source noised to that step
+        from musubi_tuner.inference.video_to_video import noised_source
+
+        source_latents, strength = source
+        scheduler.set_timesteps(spec.steps, device=settings.device)
+        latents, start_step = noised_source(scheduler, spec.steps, strength, latents,
+                                            source_latents.reshape(latents.shape))
 
     def predict(x: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
         return arch.predict(dit, c, x, t)
@@ -92,7 +101,7 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
     dit.eval()
     try:
         return denoise(predict, latents, scheduler, spec.steps, cond, uncond, spec.guidance_scale,
-                       progress=settings.progress)
+                       progress=settings.progress, start_step=start_step)
     finally:
         dit.train(was_training)
 

@@ -33,3 +33,22 @@ def open_image_for_flag(path: str | Path, flag: str):
         return load_image_rgb(path)
     except MediaError as exc:  # its message names only the file
         raise UserError(f"{flag} {path}: {exc}") from exc
+
+
+def load_video_resized(path: str | Path, frames: int, width: int, height: int, flag: str = "--video_path") -> torch.Tensor:
+    """The first `frames` frames of a video file (or folder of frames), each resized like `load_image_resized`,
+    as uint8 (F, H, W, 3). A shorter video is an error naming `flag`, as the reference refuses it."""
+    from musubi_tuner.dataset.media import MediaError, decode_frames, probe_video, resize_to_bucket
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{flag} {path}: video not found (check the path)")
+    try:
+        count, _ = probe_video(path)
+        if count < frames:
+            raise UserError(f"{flag} {path}: the video has {count} frames but {frames} are generated; "
+                            f"use a longer video or a smaller --video_length")
+        decoded = decode_frames(path, list(range(frames)))
+    except MediaError as exc:
+        raise UserError(f"{flag} {path}: {exc}") from exc
+    return torch.from_numpy(np.stack([resize_to_bucket(f, (width, height)) for f in decoded]))

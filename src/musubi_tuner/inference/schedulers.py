@@ -77,6 +77,11 @@ class FlowScheduler:
             self.inner.set_timesteps(sigmas=self.base_sigmas(num_steps), device=device)
         return self.inner.timesteps
 
+    def begin_at(self, index: int) -> None:
+        """Start the schedule at step `index` (video to video); call after `set_timesteps`."""
+        if hasattr(self.inner, "set_begin_index"):
+            self.inner.set_begin_index(index)
+
     @property
     def sigmas(self) -> torch.Tensor:
         """Sigmas of the current schedule, ending with 0 (len = steps + 1)."""

@@ -381,6 +381,7 @@ class NetworkTrainer:
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
         noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
                                                       uniform)
+        batch = {**batch, **self.arch.training_conditioning(self.args)}
         with self._predict_context():
             pred = self.arch.predict(self.dit, batch, noisy, timesteps)
         loss = per_sample_loss(pred, noise - latents, batch.get(MASK_CONTENT))
@@ -569,7 +570,8 @@ class NetworkTrainer:
 
         self.network.eval()  # no LoRA dropout
         try:
-            logs = self.validation.evaluate(self.arch, self.dit, self.device, self._predict_context)
+            logs = self.validation.evaluate(self.arch, self.dit, self.device, self._predict_context,
+                                           self.arch.training_conditioning(self.args))
         finally:
             self.network.train()
         self.validation_history.append((step, logs))

@@ -36,14 +36,15 @@ class ValidationLoss:
         self.batches, self.seed = batches, seed
 
     @torch.no_grad()
-    def evaluate(self, arch: Any, dit: torch.nn.Module, device: torch.device,
-                 forward_context: Callable[[], Any]) -> dict[str, float]:
-        """{`loss/validation`: mean over items and timesteps, `loss/validation_tA-B`: mean per band}."""
+    def evaluate(self, arch: Any, dit: torch.nn.Module, device: torch.device, forward_context: Callable[[], Any],
+                 conditioning: dict[str, Any] | None = None) -> dict[str, float]:
+        """{`loss/validation`: mean over items and timesteps, `loss/validation_tA-B`: mean per band}.
+        conditioning: the architecture's per-step training entries (e.g. HunyuanVideo's guidance), as in training."""
         gen = torch.Generator("cpu").manual_seed(self.seed)
         totals = {t: 0.0 for t in VALIDATION_TIMESTEPS}
         count = 0
         for entries in self.batches.batches_for_epoch(0):
-            batch = self.batches.load_batch(entries)
+            batch = {**self.batches.load_batch(entries), **(conditioning or {})}
             latents = arch.latents_from_cache(batch["latents"].to(device, torch.float32))
             size = latents.shape[0]
             for t in VALIDATION_TIMESTEPS:
