@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 NOT_YET_SUPPORTED = ("fp8_fast", "lycoris")
 # Parsed for compatibility; nothing to act on here, so a non-default value gets a warning.
 NO_EFFECT = {
-    "use_pinned_memory_for_block_swap": (False, "swapped blocks are always kept in pinned memory on CUDA"),
     "disable_numpy_memmap": (False, "checkpoints are always memory-mapped through safetensors"),
     "lazy_loading": (False, "the one DiT is loaded only after the text encoders are freed"),
 }
@@ -66,7 +65,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn_mode", default="torch", help="attention backend: torch/sdpa, flash, flash3, xformers, sageattn")
     parser.add_argument("--blocks_to_swap", type=non_negative_int, default=None)
     parser.add_argument("--use_pinned_memory_for_block_swap", action="store_true",
-                        help="accepted for compatibility: swapped blocks always use pinned memory on CUDA")
+                        help="pin all swapped weights (faster copies, more pinned RAM) instead of staging buffers")
     parser.add_argument("--disable_numpy_memmap", action="store_true",
                         help="accepted for compatibility: checkpoints are always memory-mapped through safetensors")
     parser.add_argument("--lazy_loading", action="store_true",
@@ -107,9 +106,9 @@ class GenerationSession:
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
         if self.args.blocks_to_swap:
-            from musubi_tuner.memory.block_swap import enable_block_swap
+            from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device)
+            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args))
         elif on_cpu:
             self.dit.to(self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit_from_flags

@@ -187,9 +187,9 @@ class NetworkTrainer:
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
         if args.blocks_to_swap:
-            from musubi_tuner.memory.block_swap import enable_block_swap
+            from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, args.blocks_to_swap, self.device)
+            enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args))
         elif load_device != self.device:
             self.dit.to(self.device)
         if args.gradient_checkpointing:
