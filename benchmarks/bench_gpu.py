@@ -163,15 +163,16 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
     arch = get_architecture(workload.arch)
-    torch.manual_seed(0)
-    build_device = "cpu" if variant.swap or variant.fp8 else device
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # never materialise the 12B models in fp32
-    try:
-        with torch.device(build_device):
-            dit = workload.build().eval()
-    finally:
-        torch.set_default_dtype(previous)
+    try:  # random init is far faster on the GPU; fp8/swap variants fall back to the CPU when bf16 does not fit
+        build_device = device
+        dit = _random_dit(workload, device, dtype)
+    except torch.OutOfMemoryError:
+        if not (variant.swap or variant.fp8):
+            raise
+        build_device = "cpu"
+        gc.collect()
+        torch.cuda.empty_cache()
+        dit = _random_dit(workload, "cpu", dtype)
     dit.requires_grad_(False)
     if variant.fp8:
         store_dit_in_fp8(dit, arch.fp8_targets, scaled=variant.fp8_scaled)
@@ -203,6 +204,19 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
     return dit, network
 
 
+def _random_dit(workload: Workload, device, dtype):
+    import torch
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # never materialise the 12B models in fp32
+    try:
+        with torch.device(device):
+            return workload.build().eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def time_steps(step, warmup: int, steps: int, synchronize) -> float:
     for _ in range(warmup):
         step()
@@ -223,14 +237,17 @@ def run_variant(workload: Workload, variant: Variant, args, training: bool) -> l
     from musubi_tuner.memory.block_swap import full_recompute
 
     cuda = args.device == "cuda"
+    gc.collect()  # the previous variant's model (block-swap hooks make reference cycles)
     if cuda:
+        torch.cuda.empty_cache()
+    try:
+        dit, network = build_model(workload, variant, args.device, args.dtype, args.blocks_to_swap, training)
+    except (UserError, ImportError, RuntimeError, ValueError) as exc:  # a backend not installed here, OOM, ...
+        return [variant.name, "skipped", "", "", str(exc).splitlines()[0][:80]]
+    if cuda:  # the peak of the steps, not of building and converting the model
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    try:
-        dit, network = build_model(workload, variant, args.device, args.dtype, args.blocks_to_swap, training)
-    except (UserError, ImportError, RuntimeError, ValueError) as exc:  # a backend not installed here, ...
-        return [variant.name, "skipped", "", "", str(exc).splitlines()[0][:80]]
     inputs = workload.inputs(args.device, args.dtype)
     if training:
         optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-5)
