@@ -122,6 +122,26 @@ def test_flat_layout_aligns_every_tensor():
     assert offsets == [0, 256, 512] and total == 1024
 
 
+def test_ring_buffer_views_hold_a_mixed_dtype_block_without_overlap():
+    """The CUDA engine's ring and staging buffers: every tensor of a block (fp8 weights, fp32 scales, biases) gets
+    its own aligned view of one flat buffer, and a round trip through it is exact."""
+    from musubi_tuner.memory.block_swap import views_in
+    from musubi_tuner.memory.fp8 import store_dit_in_fp8
+
+    model = make_tiny_dit()
+    store_dit_in_fp8(model, ["blocks"], scaled=True)
+    scheduler = enable_block_swap(model, 1, torch.device("cpu"))
+    slot = scheduler.slots[0]
+    assert {m.dtype for m in slot.masters} >= {torch.float8_e4m3fn, torch.float32}
+    buffer = torch.full((slot.nbytes,), 255, dtype=torch.uint8)
+    views = views_in(buffer, slot)
+    for view, master in zip(views, slot.masters):
+        view.copy_(master)
+    assert all(v.dtype == m.dtype and v.shape == m.shape for v, m in zip(views, slot.masters))
+    assert all(torch.equal(v.view(torch.uint8), m.view(torch.uint8)) for v, m in zip(views, slot.masters))
+    scheduler.remove()
+
+
 def test_a_swap_count_out_of_range_names_the_flag():
     with pytest.raises(UserError, match="--blocks_to_swap 2: this model has 2 blocks"):
         enable_block_swap(make_tiny_dit(), 2, torch.device("cpu"))
