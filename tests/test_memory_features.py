@@ -199,3 +199,27 @@ def test_training_cli_applies_split_attention_and_offloaded_checkpointing(monkey
     assert run(wan_train_network.main, args) == 0
     assert calls["offload"] == 2  # one step, two blocks
     assert calls["split"] == 2 * 2 * 2  # (forward + recompute) x two blocks x (self + cross attention)
+
+
+def test_generation_cli_with_every_memory_switch_renders_the_plain_latents(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from musubi_tuner import wan_generate_video
+    from wan_fixtures import make_workspace, run
+
+    ws = make_workspace(tmp_path)
+
+    def generate(folder, *extra):
+        argv = ["--task", "t2v-1.3B", "--dit", str(ws.dit), *ws.vae_args, *ws.t5_args, "--prompt", "a blue square",
+                "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "3", "--seed", "1",
+                "--save_path", str(folder), "--output_type", "latent", "--device", "cpu", "--fp8", *extra]
+        assert run(wan_generate_video.main, argv) == 0
+        (latent,) = folder.glob("*_latent.safetensors")
+        return load_file(str(latent))["latent"]
+
+    plain = generate(tmp_path / "plain")
+    with caplog.at_level("WARNING", logger="musubi_tuner"):
+        switched = generate(tmp_path / "switched", "--fp8_fast", "--split_attn", "--blocks_to_swap", "1",
+                            "--use_pinned_memory_for_block_swap")
+    assert "--fp8_fast: fp8 matmuls need a CUDA GPU" in caplog.text  # CPU: the documented fallback
+    assert torch.equal(plain, switched)
