@@ -24,10 +24,9 @@ from musubi_tuner.inference.prompts import PromptSpec
 logger = logging.getLogger(__name__)
 
 # Parsed for compatibility with reference command lines; using them is an error until implemented.
-NOT_YET_SUPPORTED = ("fp8_fast", "lycoris")
+NOT_YET_SUPPORTED = ("lycoris",)
 # Parsed for compatibility; nothing to act on here, so a non-default value gets a warning.
 NO_EFFECT = {
-    "use_pinned_memory_for_block_swap": (False, "swapped blocks are always kept in pinned memory on CUDA"),
     "disable_numpy_memmap": (False, "checkpoints are always memory-mapped through safetensors"),
     "lazy_loading": (False, "the one DiT is loaded only after the text encoders are freed"),
 }
@@ -61,12 +60,14 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampler (default: the model's, as the reference: unipc for Wan, vanilla (Euler) for FLUX)")
     parser.add_argument("--fp8", action="store_true", help="store the DiT's block Linear weights in float8_e4m3fn")
     parser.add_argument("--fp8_scaled", action="store_true")
-    parser.add_argument("--fp8_fast", action="store_true")
+    parser.add_argument("--fp8_fast", action="store_true",
+                        help="fp8 matmuls (torch._scaled_mm) on GPUs with compute capability 8.9+; needs --fp8")
     parser.add_argument("--device", type=device_name, default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--attn_mode", default="torch", help="attention backend: torch/sdpa, flash, flash3, xformers, sageattn")
+    parser.add_argument("--split_attn", action="store_true", help="compute attention one batch item at a time")
     parser.add_argument("--blocks_to_swap", type=non_negative_int, default=None)
     parser.add_argument("--use_pinned_memory_for_block_swap", action="store_true",
-                        help="accepted for compatibility: swapped blocks always use pinned memory on CUDA")
+                        help="pin all swapped weights (faster copies, more pinned RAM) instead of staging buffers")
     parser.add_argument("--disable_numpy_memmap", action="store_true",
                         help="accepted for compatibility: checkpoints are always memory-mapped through safetensors")
     parser.add_argument("--lazy_loading", action="store_true",
@@ -106,15 +107,23 @@ class GenerationSession:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
-        if self.args.blocks_to_swap:
-            from musubi_tuner.memory.block_swap import enable_block_swap
+            if self.args.fp8_fast:
+                from musubi_tuner.memory.fp8_fast import enable_fp8_fast
 
-            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device)
+                enable_fp8_fast(self.dit, self.device)
+        if self.args.blocks_to_swap:
+            from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
+
+            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args))
         elif on_cpu:
             self.dit.to(self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit_from_flags
 
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")
+        if self.args.split_attn:
+            from musubi_tuner.memory.attention import apply_split_attention
+
+            apply_split_attention(self.dit)
         if self.args.compile:
             compile_dit_from_flags(self.dit, self.args)
         return self.dit
@@ -243,6 +252,8 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
     warn_flags_without_effect(args, NO_EFFECT)
     if args.fp8_scaled and not args.fp8:
         raise UserError("--fp8_scaled needs --fp8")
+    if args.fp8_fast and not args.fp8:
+        raise UserError("--fp8_fast needs --fp8 (it multiplies the fp8-stored weights directly)")
     if len(args.lora_multiplier) > len(args.lora_weight):
         raise UserError("more --lora_multiplier values than --lora_weight files")
     arch.validate_arguments(args, "generate")

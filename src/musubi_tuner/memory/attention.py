@@ -35,6 +35,59 @@ def apply_attention_backend(dit: nn.Module, mode: str, flag: str) -> None:
     logger.info("attention backend: %s", backend)
 
 
+# processor arguments that carry one row per batch item; everything else (rotary tables, flags) is shared
+BATCHED_ARGUMENTS = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_attention_mask")
+
+
+class SplitAttentionProcessor:
+    """--split_attn: runs the wrapped diffusers attention processor once per batch item and concatenates the
+    results, so the attention's working memory (scores, or a kernel's workspace) is one sample's, not the batch's.
+    Per item the computation is the same; results equal the batched call's up to the kernels' row blocking."""
+
+    def __init__(self, inner):
+        import inspect
+
+        self.inner = inner
+        self.signature = inspect.signature(inner.__call__)
+
+    def __getattr__(self, name):  # `_attention_backend`, `_parallel_config` ... are the wrapped processor's
+        return getattr(self.__dict__["inner"], name)
+
+    def __call__(self, attn, *args, **kwargs):
+        import torch
+
+        bound = self.signature.bind(attn, *args, **kwargs)
+        batch = bound.arguments["hidden_states"].shape[0]
+        if batch == 1:
+            return self.inner(attn, *args, **kwargs)
+        outputs = []
+        for i in range(batch):
+            item = {name: value[i:i + 1] if name in BATCHED_ARGUMENTS and torch.is_tensor(value)
+                    and value.shape[0] == batch else value for name, value in bound.arguments.items()}
+            item.pop("self", None)
+            outputs.append(self.inner(**item))
+        if isinstance(outputs[0], tuple):  # joint attention returns (image tokens, text tokens)
+            return tuple(torch.cat(parts) for parts in zip(*outputs))
+        return torch.cat(outputs)
+
+
+def apply_split_attention(dit: nn.Module) -> int:
+    """Wrap every attention module's processor in `SplitAttentionProcessor` (after the backend is chosen, so the
+    wrapped processor keeps it). Returns the number of attention modules wrapped."""
+    wrapped = 0
+    for module in dit.modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or not callable(processor) or not hasattr(module, "set_processor"):
+            continue
+        if not isinstance(processor, SplitAttentionProcessor):  # wrapping twice would split nothing more
+            module.set_processor(SplitAttentionProcessor(processor))
+        wrapped += 1
+    if not wrapped:
+        raise UserError(f"--split_attn: {type(dit).__name__} has no attention processors to split")
+    logger.info("split attention: %d attention modules run one batch item at a time", wrapped)
+    return wrapped
+
+
 def compile_dit(dit: nn.Module, *, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None,
                 fullgraph: bool = False) -> None:
     """torch.compile each repeated transformer block (diffusers' `compile_repeated_blocks`): fast to compile,

@@ -195,9 +195,12 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8_base", action="store_true", help="store the base DiT in fp8")
     p.add_argument("--fp8_scaled", action="store_true", help="scaled fp8 (needs --fp8_base)")
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=None, help="DiT blocks kept on CPU and swapped in")
-    p.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
-    p.add_argument("--block_swap_h2d_only", action="store_true")
-    p.add_argument("--block_swap_ring_size", type=positive_int, default=2)
+    p.add_argument("--use_pinned_memory_for_block_swap", action="store_true",
+                   help="pin all swapped weights (faster copies, more pinned RAM) instead of two staging buffers")
+    p.add_argument("--block_swap_h2d_only", action="store_true",
+                   help="copy swapped blocks into a ring of reused GPU buffers (needs --gradient_checkpointing)")
+    p.add_argument("--block_swap_ring_size", type=positive_int, default=2,
+                   help="swapped blocks resident at once (2: copy the next while one runs; 1: least VRAM)")
     p.add_argument("--img_in_txt_in_offloading", action="store_true", help="HunyuanVideo: offload img_in/txt_in")
     p.add_argument("--disable_numpy_memmap", action="store_true")
 
@@ -349,6 +352,15 @@ def _check_unsupported(args: argparse.Namespace) -> None:
         raise UserError(f"{joined}: Hugging Face upload/download is not supported in this build; remove the flag")
 
 
+def _check_offloading(args: argparse.Namespace) -> None:
+    if args.block_swap_h2d_only and not (args.blocks_to_swap and args.gradient_checkpointing):
+        # the ring's device buffers are refilled as soon as a block's forward ends; only a checkpointed backward
+        # (which recomputes the block) never reads the old contents again, as in the reference
+        raise UserError("--block_swap_h2d_only needs --blocks_to_swap N and --gradient_checkpointing")
+    if args.gradient_checkpointing_cpu_offload and not args.gradient_checkpointing:
+        raise UserError("--gradient_checkpointing_cpu_offload needs --gradient_checkpointing")
+
+
 def validate_training_args(args: argparse.Namespace) -> None:
     """Check the common flags; raise `UserError` naming the first bad flag."""
     _check_unsupported(args)
@@ -358,5 +370,6 @@ def validate_training_args(args: argparse.Namespace) -> None:
     _check_steps_or_ratio(args, "lr_decay_steps")
     if args.fp8_scaled and not args.fp8_base:
         raise UserError("--fp8_scaled needs --fp8_base")
+    _check_offloading(args)
     _check_saving(args)
     _check_timesteps(args)

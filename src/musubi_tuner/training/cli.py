@@ -13,8 +13,7 @@ from musubi_tuner.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Flags parsed for compatibility whose feature this build does not have yet: using them is an error, not a no-op.
-NOT_YET_SUPPORTED = ("block_swap_h2d_only", "gradient_checkpointing_cpu_offload",
-                     "split_attn", "img_in_txt_in_offloading")
+NOT_YET_SUPPORTED = ("img_in_txt_in_offloading",)
 
 
 # Parsed for compatibility; they have nothing to act on here, so a non-default value gets a warning.
@@ -24,8 +23,6 @@ NO_EFFECT = {
     "ddp_gradient_as_bucket_view": (False, "the LoRA is not wrapped in DDP; its gradients are all-reduced directly"),
     "ddp_static_graph": (False, "the LoRA is not wrapped in DDP; its gradients are all-reduced directly"),
     "disable_numpy_memmap": (False, "checkpoints are always memory-mapped through safetensors"),
-    "use_pinned_memory_for_block_swap": (False, "swapped blocks are always kept in pinned memory on CUDA"),
-    "block_swap_ring_size": (2, "block swap stages one block at a time on the compute stream"),
 }
 
 

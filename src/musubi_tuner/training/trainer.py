@@ -187,18 +187,25 @@ class NetworkTrainer:
 
             store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
         if args.blocks_to_swap:
-            from musubi_tuner.memory.block_swap import enable_block_swap
+            from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, args.blocks_to_swap, self.device)
+            enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args))
         elif load_device != self.device:
             self.dit.to(self.device)
         if args.gradient_checkpointing:
-            self.dit.enable_gradient_checkpointing()
+            from musubi_tuner.memory.activation_offload import checkpoint_with_cpu_offload
+
+            offload = checkpoint_with_cpu_offload if args.gradient_checkpointing_cpu_offload else None
+            self.dit.enable_gradient_checkpointing(offload)
         self.dit.requires_grad_(False)
         from musubi_tuner.memory.attention import apply_attention_backend
         from musubi_tuner.training.args import attention_mode
 
         apply_attention_backend(self.dit, attention_mode(args), "attention flag")
+        if args.split_attn:  # after the backend, so the split processors keep it
+            from musubi_tuner.memory.attention import apply_split_attention
+
+            apply_split_attention(self.dit)
 
     def _build_network(self) -> None:
         from musubi_tuner.training.network_setup import build_network
