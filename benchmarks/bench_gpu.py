@@ -268,7 +268,7 @@ def run_variant(workload: Workload, variant: Variant, args, training: bool) -> l
     except torch.OutOfMemoryError:
         return [variant.name, "OOM", "", "", ""]
     finally:
-        del dit, network
+        dit = network = None  # the closures share these cells: this frees the model before the next variant
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "n/a"
     flops = workload.flops_per_forward * (3 if training else 1)
     mfu = f"{100 * flops / seconds / (args.peak_tflops * 1e12):.1f}" if args.peak_tflops and flops else "n/a"
