@@ -44,6 +44,25 @@ def test_split_attention_handles_joint_attention_and_masks():
         torch.testing.assert_close(split(**inputs)[0], plain(**inputs)[0], rtol=0, atol=1e-6)
 
 
+def test_split_attention_passes_every_argument_the_wrapped_processor_takes():
+    """diffusers hands a processor only the kwargs its __call__ names; HunyuanVideo's rotary embedding (and its
+    text mask) must reach the wrapped processor, or the split model silently computes something else."""
+    from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_dit
+
+    plain, split = tiny_hv_dit(seed=0).float(), tiny_hv_dit(seed=0).float()
+    apply_split_attention(split)
+    gen = torch.Generator().manual_seed(2)
+    cfg = plain.config
+    inputs = dict(hidden_states=torch.randn(2, cfg.in_channels, 1, 4, 4, generator=gen),
+                  timestep=torch.tensor([500.0, 300.0]),
+                  encoder_hidden_states=torch.randn(2, 6, cfg.text_embed_dim, generator=gen),
+                  encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),
+                  pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=gen),
+                  guidance=torch.tensor([6000.0, 6000.0]), return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(split(**inputs)[0], plain(**inputs)[0], rtol=0, atol=1e-5)
+
+
 def test_split_attention_keeps_gradients():
     grads = []
     for split in (False, True):

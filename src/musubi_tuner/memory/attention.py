@@ -50,6 +50,15 @@ class SplitAttentionProcessor:
         self.inner = inner
         self.signature = inspect.signature(inner.__call__)
 
+        # diffusers hands a processor only the keyword arguments its `__call__` names (it inspects
+        # `processor.__call__`): show the wrapped processor's parameters there, or HunyuanVideo's
+        # `image_rotary_emb` would be dropped silently. Calls still go through the class's __call__.
+        def call(*args, **kwargs):
+            return type(self).__call__(self, *args, **kwargs)
+
+        call.__signature__ = self.signature
+        self.__dict__["__call__"] = call
+
     def __getattr__(self, name):  # `_attention_backend`, `_parallel_config` ... are the wrapped processor's
         return getattr(self.__dict__["inner"], name)
 
