@@ -18,3 +18,23 @@ def test_demo_runs_every_stage(arch, tmp_path, capsys):
     assert list((root / "lora" / "sample").iterdir())
     assert list((root / "generated").iterdir())
     assert (root / "merged" / "tiny_merged.safetensors").is_file()
+
+
+def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "dataset.toml").write_text("user data")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--arch", "wan", "--output_dir", str(mine), "--steps", "1"])
+    assert exit_info.value.code == 2
+    assert "not empty and was not written by the demo; nothing was deleted" in capsys.readouterr().err
+    assert (mine / "dataset.toml").read_text() == "user data"
+
+
+def test_a_previous_demo_folder_is_replaced_and_said(tmp_path, capsys):
+    out = tmp_path / "demo_output"
+    demo.prepare_output_dir(out)
+    (out / "old_result.txt").write_text("from the last run")
+    demo.prepare_output_dir(out)
+    assert "replacing the previous demo output" in capsys.readouterr().out
+    assert not (out / "old_result.txt").exists() and (out / demo.DEMO_MARKER).is_file()

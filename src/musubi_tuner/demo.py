@@ -226,6 +226,34 @@ def hunyuan_video_demo(out: Path, steps: int) -> dict[str, Path]:
     ))
 
 
+DEMO_MARKER = ".musubi_tuner_demo"
+"""Written into every demo output folder: only a folder holding it is replaced by the next demo run."""
+
+
+def prepare_output_dir(out: Path) -> None:
+    """A fresh folder for the demo. A previous demo's folder is replaced (and the replacement is said); any other
+    non-empty folder is refused rather than deleted: it may hold the user's data."""
+    from musubi_tuner.errors import UserError
+
+    if out.is_file():
+        raise UserError(f"--output_dir {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).exists():
+            raise UserError(f"--output_dir {out} is not empty and was not written by the demo; nothing was deleted. "
+                            "Give an empty or new folder")
+        print(f"replacing the previous demo output in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `python -m musubi_tuner.demo`; the next demo run replaces this folder\n")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    out = Path(args.output_dir).resolve()
+    prepare_output_dir(out)
+    demos = {"wan": wan_demo, "flux_kontext": flux_kontext_demo, "hunyuan_video": hunyuan_video_demo}
+    demos[args.arch](out, args.steps)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the tiny end-to-end demo")
     parser.add_argument("--arch", default="wan", choices=DEMO_ARCHS)
@@ -233,14 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=160, help="training steps")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.output_dir).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    from musubi_tuner.cli import setup_logging
+    from musubi_tuner.cli import run_cli
 
-    setup_logging()
-    demos = {"wan": wan_demo, "flux_kontext": flux_kontext_demo, "hunyuan_video": hunyuan_video_demo}
-    demos[args.arch](out, args.steps)
+    run_cli(lambda _: run_demo(args), [])
 
 
 if __name__ == "__main__":
