@@ -277,3 +277,29 @@ def test_lora_targets_for_conversion_from_the_lora_alone(dit):
     for t in default_targets(dit):
         assert (names[t.original_name].out_features, names[t.original_name].split_sizes) == (t.out_features,
                                                                                           t.split_sizes)
+
+
+def test_save_lora_format_other_writes_a_file_comfyui_and_we_load_unconverted(tmp_path, dit):
+    """`--save_lora_format other`: the trainer's own file loads in ComfyUI without convert_lora (every module
+    resolves, the MLPs too) and back into our network with the same weight deltas."""
+    import argparse
+
+    from musubi_tuner.training.network_setup import save_network
+
+    network = create_network(ARCH, dit, RANK, 2.0)
+    for p in network.parameters():  # up matrices start at zero: give every module a delta to compare
+        torch.nn.init.normal_(p, std=0.05)
+    args = argparse.Namespace(save_precision="fp32", no_metadata=True, save_lora_format="other")
+    path = tmp_path / "trained.safetensors"
+    save_network(network, ARCH, args, path, progress=None)
+    saved = load_lora_file(path)[0]
+    modules = [k[: -len(".weight")] for k in hv_diffusers_to_original(dit.state_dict()) if k.endswith(".weight")]
+    assert all(k.startswith("diffusion_model.") for k in saved)
+    assert _stems(saved) <= comfy_resolvable(modules)
+    reloaded = create_network_from_weights(ARCH, dit, saved)
+    reloaded.load_weights(saved)
+    want = probes(network.state_dict_reference(), network.targets)
+    got = probes(reloaded.state_dict_reference(), reloaded.targets)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7)

@@ -130,6 +130,14 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         choices=["float", "fp32", "fp16", "bf16"],
         help="dtype of saved LoRA weights (float = fp32)",
     )
+    p.add_argument(
+        "--save_lora_format",
+        default="default",
+        choices=["default", "other"],
+        help="key layout of the saved LoRA files: default = the reference's lora_unet_* (what its tools read); other = "
+             "diffusion_model.<original name>.lora_A/B (alpha baked in), which ComfyUI and diffusers load "
+             "unconverted for every family, HunyuanVideo included. Resume states are not affected",
+    )
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:

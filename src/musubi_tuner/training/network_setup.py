@@ -59,4 +59,9 @@ def save_network(network, arch: Architecture, args: argparse.Namespace, path: Pa
         metadata = build_training_metadata(args, arch, steps=progress.global_step, epoch=progress.epoch,
                                            session_id=session_id, training_started_at=started_at, timestamp=time.time(),
                                            extra=extra)
-    save_lora_file(network.state_dict_reference(), path, metadata, dtype=SAVE_DTYPES[args.save_precision])
+    state = network.state_dict_reference()
+    if getattr(args, "save_lora_format", "default") != "default":  # same weights, the layout other tools read
+        from musubi_tuner.networks.lora_formats import NameIndex, convert_state_dict
+
+        state = convert_state_dict(state, args.save_lora_format, NameIndex(targets=network.targets))
+    save_lora_file(state, path, metadata, dtype=SAVE_DTYPES[args.save_precision])
