@@ -1,23 +1,24 @@
 """Trainer step time against a bare forward + backward + AdamW step of the same model, LoRA and batch.
 
-Builds (in a temp folder) a small-but-not-tiny Wan DiT in the original single-file layout and a latent +
-text-encoder cache that the real trainer reads, then:
+Builds (in a temp folder) a DiT in the original single-file layout and a latent + text-encoder cache that the
+real trainer reads, then:
 
-1. runs `NetworkTrainer` (the code behind `wan_train_network.py`) for warm-up + N steps and times each step
-   from the end of one to the end of the next (batch loading, noise and timestep sampling, forward, loss,
-   backward, optimizer and scheduler step, progress bar: everything the loop does);
-2. runs a bare loop on the same DiT file, LoRA rank/alpha and one cached batch held in memory: forward,
-   MSE loss, backward, `torch.optim.AdamW` step, `zero_grad`.
+1. runs `NetworkTrainer` (the code behind `wan_train_network.py` / `hv_train_network.py`) for warm-up + N steps
+   and times each step from the end of one to the end of the next (batch loading, noise and timestep sampling,
+   forward, loss, backward, optimizer and scheduler step, progress bar: everything the loop does);
+2. runs a bare loop on the same DiT file, training flags, LoRA rank/alpha and one cached batch held in memory:
+   forward (the family's `predict`), MSE loss, backward, `torch.optim.AdamW` step, `zero_grad`.
 
 It prints the median step times and the overhead ratio (trainer / bare); 1.00 means no overhead.
 `--bare_only` times the bare loop alone.
 
-`--arch hunyuan_video --bare_only` times the bare loop on a HunyuanVideo DiT at its released widths with
-`--hv_blocks` blocks (random bf16 weights in ComfyUI's layout, loaded by `load_hv_dit`), random LLM/CLIP text
-features and embedded guidance 1.0; the LoRA covers the reference's targets (the block Linears but modulation).
+`--arch wan` (default): a small-but-not-tiny Wan DiT sized by `--dim`/`--layers`. `--arch hunyuan_video`: a
+HunyuanVideo DiT at its released widths with `--hv_blocks` blocks (random bf16 weights in ComfyUI's layout), LLM
+caches of 256 tokens with `--text_tokens` valid, CLIP-L pooled 768, embedded guidance as the trainer feeds it;
+the LoRA covers the reference's targets (the block Linears but modulation).
 
 Usage: python benchmarks/bench_train_overhead.py [--dim 512 --layers 4 --size 256 --frames 1 --steps 12 ...]
-       python benchmarks/bench_train_overhead.py --arch hunyuan_video --bare_only [--hv_blocks 1 2 --size 128 ...]
+       python benchmarks/bench_train_overhead.py --arch hunyuan_video [--bare_only] [--hv_blocks 1 1 --size 64 ...]
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that --help stays fast
     import torch
@@ -39,29 +41,95 @@ from _bench_util import machine_description, median, offline_environment, print_
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
-def write_dit(path: Path, args: argparse.Namespace) -> dict:
-    """A seeded WanTransformer3DModel of the requested size, saved in the original layout (bf16)."""
+HV_LLM_TOKENS = 256
+"""HunyuanVideo's LLM cache is always 256 tokens long, masked after the prompt (as the reference caches it)."""
+
+
+@dataclass(frozen=True)
+class DitFile:
+    path: Path
+    title: str
+    text_dims: tuple[int, ...]
+    """Widths of the text-encoder outputs this DiT takes (Wan: umT5; HunyuanVideo: LLM, CLIP pooled)."""
+
+
+def write_wan_dit(root: Path, args: argparse.Namespace) -> DitFile:
+    """A seeded WanTransformer3DModel sized by --dim/--layers/--ffn_dim/--text_dim, original layout (bf16)."""
     import torch
     from diffusers import WanTransformer3DModel
 
     from musubi_tuner.architectures.wan.dit_files import HEAD_DIM, _diffusers_config, save_wan_dit_original
 
+    ffn_dim = args.ffn_dim or 4 * args.dim
     config = _diffusers_config(dim=args.dim, num_heads=args.dim // HEAD_DIM, num_layers=args.layers,
-                               ffn_dim=args.ffn_dim or 4 * args.dim, in_dim=16, mode="t2v", text_dim=args.text_dim)
+                               ffn_dim=ffn_dim, in_dim=16, mode="t2v", text_dim=args.text_dim)
     torch.manual_seed(0)
-    model = WanTransformer3DModel.from_config(config)
-    save_wan_dit_original(model, path, dtype=torch.bfloat16)
-    return config
+    path = root / "dit.safetensors"
+    save_wan_dit_original(WanTransformer3DModel.from_config(config), path, dtype=torch.bfloat16)
+    return DitFile(path, f"Wan DiT dim {args.dim}, {args.layers} layers, ffn {ffn_dim}, text {args.text_dim}",
+                   (args.text_dim,))
 
 
-def write_dataset(root: Path, args: argparse.Namespace) -> Path:
+def write_hv_dit(root: Path, args: argparse.Namespace) -> DitFile:
+    """HunyuanVideo at its released widths with --hv_blocks blocks: random bf16 weights in ComfyUI's layout."""
+    from math import prod
+
+    from _bench_models import bench_dit, write_random_checkpoint
+
+    spec = bench_dit("hunyuan_video", tuple(args.hv_blocks))
+    shapes = spec.original_shapes()
+    write_random_checkpoint(shapes, root / spec.file_name, prefix=spec.key_prefix)
+    params = sum(prod(shape) for shape in shapes.values())
+    return DitFile(root / spec.file_name, f"{spec.title} ({params / 1e6:.0f} M parameters)", (4096, 768))
+
+
+def wan_text_cache(args: argparse.Namespace, text_dims: tuple[int, ...], generator) -> dict:
+    """What wan_cache_text_encoder_outputs.py writes for one caption (random): umT5 states, unpadded."""
+    import torch
+
+    return {"varlen_t5": torch.randn(args.text_tokens, text_dims[0], generator=generator).to(torch.bfloat16)}
+
+
+def hv_text_cache(args: argparse.Namespace, text_dims: tuple[int, ...], generator) -> dict:
+    """What cache_text_encoder_outputs.py writes for one caption (random): LLM states padded to 256 with the
+    first --text_tokens valid, and the CLIP-L pooled vector."""
+    import torch
+
+    llm_dim, clip_dim = text_dims
+    mask = torch.zeros(HV_LLM_TOKENS, dtype=torch.int64)
+    mask[: args.text_tokens] = 1
+    return {"llm": torch.randn(HV_LLM_TOKENS, llm_dim, generator=generator).to(torch.bfloat16), "llm_mask": mask,
+            "clipL": torch.randn(clip_dim, generator=generator).to(torch.bfloat16),
+            "clipL_mask": torch.ones(77, dtype=torch.int64)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the families here; everything else (dataset, loops, timing) is shared."""
+
+    write_dit: Callable[[Path, argparse.Namespace], DitFile]
+    text_cache: Callable[[argparse.Namespace, tuple[int, ...], Any], dict]
+    training_flags: tuple[str, ...]
+    """The family's own training flags (the reference's network module; the flow shift each family uses)."""
+
+
+FAMILIES = {
+    "wan": Family(write_wan_dit, wan_text_cache,
+                  ("--task", "t2v-1.3B", "--network_module", "networks.lora_wan", "--discrete_flow_shift", "3.0")),
+    "hunyuan_video": Family(write_hv_dit, hv_text_cache,
+                            ("--network_module", "networks.lora", "--discrete_flow_shift", "7.0")),
+}
+
+
+def write_dataset(root: Path, args: argparse.Namespace, dit: DitFile) -> Path:
     """Random latent and text caches named as the caching scripts name them, and the TOML that points at them."""
     import torch
 
-    from musubi_tuner.architectures.wan.architecture import WanArchitecture
+    from musubi_tuner.architectures import get_architecture
     from musubi_tuner.dataset.cache_files import latent_cache_name, latent_metadata, text_cache_name, write_cache
 
-    traits = WanArchitecture.traits
+    traits = get_architecture(args.arch).traits
+    text_cache = FAMILIES[args.arch].text_cache
     images, cache = root / "images", root / "cache"
     images.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
@@ -72,9 +140,8 @@ def write_dataset(root: Path, args: argparse.Namespace) -> Path:
         latents = torch.randn(shape, generator=generator).to(torch.bfloat16)
         write_cache(cache / latent_cache_name(stem, (args.size, args.size), traits.cache_code), {"latents": latents},
                     traits, latent_metadata((args.size, args.size), None))
-        t5 = torch.randn(args.text_tokens, args.text_dim, generator=generator).to(torch.bfloat16)
-        write_cache(cache / text_cache_name(stem, traits.cache_code), {"varlen_t5": t5}, traits,
-                    {"caption1": f"caption {i}"})
+        write_cache(cache / text_cache_name(stem, traits.cache_code), text_cache(args, dit.text_dims, generator),
+                    traits, {"caption1": f"caption {i}"})
     toml = root / "dataset.toml"
     toml.write_text(f'[general]\nresolution = [{args.size}, {args.size}]\nbatch_size = {args.batch_size}\n'
                     'caption_extension = ".txt"\n\n'
@@ -83,11 +150,11 @@ def write_dataset(root: Path, args: argparse.Namespace) -> Path:
 
 
 def training_argv(dit: Path, toml: Path, out: Path, args: argparse.Namespace, steps: int) -> list[str]:
-    argv = ["--task", "t2v-1.3B", "--dit", str(dit), "--dataset_config", str(toml), "--sdpa",
-            "--mixed_precision", args.mixed_precision, "--network_module", "networks.lora_wan",
+    argv = [*FAMILIES[args.arch].training_flags, "--dit", str(dit), "--dataset_config", str(toml), "--sdpa",
+            "--mixed_precision", args.mixed_precision,
             "--network_dim", str(args.network_dim), "--network_alpha", str(args.network_dim),
             "--optimizer_type", "adamw", "--learning_rate", "1e-4", "--max_train_steps", str(steps),
-            "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0", "--seed", "0",
+            "--timestep_sampling", "shift", "--seed", "0",
             "--output_dir", str(out), "--output_name", "bench"]
     if args.gradient_checkpointing:
         argv.append("--gradient_checkpointing")
@@ -97,7 +164,7 @@ def training_argv(dit: Path, toml: Path, out: Path, args: argparse.Namespace, st
 
 
 # ---- the two loops ------------------------------------------------------------------------------------------------
-def run_trainer(argv: list[str]) -> tuple[list[float], float]:
+def run_trainer(arch_name: str, argv: list[str]) -> tuple[list[float], float]:
     """Per-step seconds (end of step to end of step; the first from the end of set-up) and the total wall time."""
     from musubi_tuner.architectures import get_architecture
     from musubi_tuner.training.cli import parse_training_args
@@ -114,7 +181,7 @@ def run_trainer(argv: list[str]) -> tuple[list[float], float]:
             super()._after_step(loss)
             self.step_ends.append(time.perf_counter())
 
-    arch = get_architecture("wan")
+    arch = get_architecture(arch_name)
     trainer = TimedTrainer(arch, parse_training_args(arch, argv))
     with stopwatch() as total:
         trainer.train()
@@ -129,57 +196,28 @@ def bare_precision(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]
     return device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
 
 
-def wan_bare_inputs(dit_path: Path, toml: Path, args: argparse.Namespace) -> tuple:
-    """(DiT, latents, forward(noisy, t)) for Wan: the first cached batch of the dataset, held in memory."""
+def bare_inputs(arch_name: str, argv: list[str], toml: Path, args: argparse.Namespace) -> tuple:
+    """(DiT, latents, forward(noisy, t)) as the trainer sees them: the DiT loaded from the training flags, the
+    first cached batch held in memory with the family's training conditioning, and the family's `predict`."""
     import torch
 
     from musubi_tuner.architectures import get_architecture
-    from musubi_tuner.architectures.wan.architecture import pad_text_embeddings
-    from musubi_tuner.architectures.wan.dit_files import load_wan_dit
     from musubi_tuner.dataset.batches import CachedBatches
     from musubi_tuner.dataset.config import load_dataset_config
+    from musubi_tuner.training.cli import parse_training_args
 
-    traits = get_architecture("wan").traits
+    arch = get_architecture(arch_name)
+    flags = parse_training_args(arch, argv)
     device, dtype = bare_precision(args)
-    dit = load_wan_dit(dit_path, device=device, dtype=dtype)
-    batches = CachedBatches(load_dataset_config(toml, traits), traits, seed=0)
-    batch = batches.load_batch(batches.batches_for_epoch(0)[0])
-    latents = batch["latents"].to(device, torch.float32)
-    context = pad_text_embeddings([t.to(device) for t in batch["t5"]]).to(dtype)
+    dit = arch.load_dit(flags, device, dtype)
+    batches = CachedBatches(load_dataset_config(toml, arch.traits), arch.traits, seed=0)
+    batch = {**batches.load_batch(batches.batches_for_epoch(0)[0]), **arch.training_conditioning(flags)}
+    latents = arch.latents_from_cache(batch["latents"].to(device, torch.float32))
 
     def forward(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return dit(hidden_states=noisy.to(dtype), timestep=t * 1000, encoder_hidden_states=context,
-                   return_dict=False)[0]
+        return arch.predict(dit, batch, noisy, t * 1000)
 
     return dit, latents, forward
-
-
-def hv_bare_inputs(dit_path: Path, args: argparse.Namespace) -> tuple:
-    """(DiT, latents, forward(noisy, t)) for HunyuanVideo: random latents and text-encoder outputs of the widths
-    the file has (released: LLM 4096, CLIP pooled 768), every text token valid, embedded guidance 1.0 as the
-    reference trains."""
-    import torch
-
-    from musubi_tuner.architectures.hunyuan_video.dit_files import load_hv_dit
-
-    device, dtype = bare_precision(args)
-    dit = load_hv_dit(dit_path, device=device, dtype=dtype)
-    generator = torch.Generator().manual_seed(0)
-    b = args.batch_size
-    config = dit.config
-    latents = torch.randn(b, config.in_channels, (args.frames - 1) // 4 + 1, args.size // 8, args.size // 8,
-                          generator=generator)
-    text = torch.randn(b, args.text_tokens, config.text_embed_dim, generator=generator).to(device, dtype)
-    text_mask = torch.ones(b, args.text_tokens, dtype=torch.bool, device=device)
-    pooled = torch.randn(b, config.pooled_projection_dim, generator=generator).to(device, dtype)
-    guidance = torch.full((b,), 1000.0, device=device, dtype=dtype)  # --guidance_scale 1.0, x1000 as the reference
-
-    def forward(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return dit(hidden_states=noisy.to(dtype), timestep=t * 1000, encoder_hidden_states=text,
-                   encoder_attention_mask=text_mask, pooled_projections=pooled, guidance=guidance,
-                   return_dict=False)[0]
-
-    return dit, latents.to(device), forward
 
 
 def attach_lora(arch_name: str, dit, args: argparse.Namespace):
@@ -230,7 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="wan", choices=("wan", "hunyuan_video"),
                         help="wan: a Wan DiT sized by --dim/--layers/--ffn_dim/--text_dim; hunyuan_video: the "
-                             "released widths with --hv_blocks blocks (bare loop only, needs --bare_only)")
+                             "released widths with --hv_blocks blocks")
     parser.add_argument("--bare_only", action="store_true", help="time only the bare loop, not the trainer")
     parser.add_argument("--dim", type=int, default=512, help="Wan DiT width (a multiple of 128)")
     parser.add_argument("--layers", type=int, default=4, help="Wan DiT blocks")
@@ -239,7 +277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hv_blocks", type=int, nargs=2, default=[1, 2], metavar=("DOUBLE", "SINGLE"),
                         help="HunyuanVideo double and single blocks (released: 20 40)")
     parser.add_argument("--text_tokens", type=int, default=64,
-                        help="prompt length (Wan: before padding to 512; HunyuanVideo: all valid, no padding)")
+                        help="prompt length (Wan: before padding to 512; HunyuanVideo: valid tokens of 256)")
     parser.add_argument("--size", type=int, default=256, help="image/video side in pixels (latent side = size/8)")
     parser.add_argument("--frames", type=int, default=1, help="4N+1 frames per item")
     parser.add_argument("--items", type=int, default=8, help="cached items")
@@ -259,8 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     if args.dim % 128 or (args.frames - 1) % 4 or args.size % 16:
         parser.error("--dim must be a multiple of 128, --frames 4N+1, --size a multiple of 16")
-    if args.arch == "hunyuan_video" and not args.bare_only:
-        parser.error("--arch hunyuan_video: the trainer loop cannot be timed for this family yet; add --bare_only")
+    if args.arch == "hunyuan_video" and not 1 <= args.text_tokens <= HV_LLM_TOKENS:
+        parser.error(f"--text_tokens: HunyuanVideo takes 1 to {HV_LLM_TOKENS} (its LLM cache is {HV_LLM_TOKENS} long)")
     if min(args.hv_blocks) < 1:
         parser.error("--hv_blocks needs at least one double and one single block")
     return args
@@ -279,35 +317,17 @@ def step_row(label: str, times: list[float], warmup: int) -> list:
     return [label, times[0], median(steady), statistics.mean(steady), statistics.pstdev(steady), len(steady)]
 
 
-def main_hunyuan_video(args: argparse.Namespace, root: Path) -> dict:
-    """Bare loop only: the HunyuanVideo DiT at its released widths, written with random weights."""
-    from _bench_models import bench_dit, write_random_checkpoint
-
-    spec = bench_dit("hunyuan_video", tuple(args.hv_blocks))
-    path = root / spec.file_name
-    write_random_checkpoint(spec.original_shapes(), path, prefix=spec.key_prefix)
-    dit, latents, forward = hv_bare_inputs(path, args)
-    params = sum(p.numel() for p in dit.parameters())
-    times = run_bare(attach_lora("hunyuan_video", dit, args), latents, forward, args, args.warmup + args.steps)
-    print(describe_run(args, f"{spec.title} ({params / 1e6:.0f} M parameters); {args.text_tokens} text tokens"))
-    print(f"# machine: {machine_description()}")
-    print_table(["loop", "first step s", "median step s", "mean step s", "stdev s", "steps"],
-                [step_row("bare fwd+bwd+AdamW", times, args.warmup)])
-    return {"bare_s": median(times[args.warmup:])}
-
-
-def main_wan(args: argparse.Namespace, root: Path) -> dict:
-    config = write_dit(root / "dit.safetensors", args)
-    toml = write_dataset(root / "data", args)
+def measure(args: argparse.Namespace, root: Path, dit: DitFile) -> dict:
+    """Write the dataset for `dit`, run the trainer (unless --bare_only) and the bare loop, print the table."""
+    toml = write_dataset(root / "data", args, dit)
     total_steps = args.warmup + args.steps
+    argv = training_argv(dit.path, toml, root / "out", args, total_steps)
     trainer_times, trainer_wall = [], 0.0
     if not args.bare_only:
-        trainer_times, trainer_wall = run_trainer(training_argv(root / "dit.safetensors", toml, root / "out", args,
-                                                                total_steps))
-    dit, latents, forward = wan_bare_inputs(root / "dit.safetensors", toml, args)
-    bare_times = run_bare(attach_lora("wan", dit, args), latents, forward, args, total_steps)
-    print(describe_run(args, f"Wan DiT dim {args.dim}, {args.layers} layers, ffn {config['ffn_dim']}, "
-                             f"text {args.text_dim}"))
+        trainer_times, trainer_wall = run_trainer(args.arch, argv)
+    model, latents, forward = bare_inputs(args.arch, argv, toml, args)
+    bare_times = run_bare(attach_lora(args.arch, model, args), latents, forward, args, total_steps)
+    print(describe_run(args, f"{dit.title}; {args.text_tokens} text tokens"))
     print(f"# machine: {machine_description()}")
     rows = [] if args.bare_only else [step_row("trainer (NetworkTrainer)", trainer_times, args.warmup)]
     print_table(["loop", "first step s", "median step s", "mean step s", "stdev s", "steps"],
@@ -329,8 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        run = main_hunyuan_video if args.arch == "hunyuan_video" else main_wan
-        result = run(args, Path(tmp))
+        root = Path(tmp)
+        result = measure(args, root, FAMILIES[args.arch].write_dit(root, args))
     print(f"(bench_train_overhead took {time.perf_counter() - start:.0f} s)")
     return result
 

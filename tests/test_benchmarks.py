@@ -3,7 +3,6 @@ have, the extrapolated row follows its stated rule, and the bare LoRA step train
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -67,20 +66,49 @@ def test_released_hv_weights_are_counted_exactly_with_modulation_left_in_bf16():
     assert fp8["param_mib"] == (bf16["params_m"] * 1e6 * 2 - fp8["fp8_params_m"] * 1e6) / 2**20
 
 
-def test_hv_train_bench_needs_bare_only():
-    with pytest.raises(SystemExit):
-        bench_train_overhead.parse_args(["--arch", "hunyuan_video"])
-    assert bench_train_overhead.parse_args(["--arch", "hunyuan_video", "--bare_only"]).hv_blocks == [1, 2]
+def test_hv_train_bench_runs_the_trainer_unless_bare_only():
+    args = bench_train_overhead.parse_args(["--arch", "hunyuan_video"])
+    assert (args.bare_only, args.hv_blocks) == (False, [1, 2])
+    with pytest.raises(SystemExit):  # the LLM cache holds 256 tokens
+        bench_train_overhead.parse_args(["--arch", "hunyuan_video", "--text_tokens", "257"])
+
+
+def tiny_hv_run(tmp_path, *extra: str):
+    """(args, DitFile) for a tiny HunyuanVideo DiT (the released-width file is for benchmark runs only)."""
+    from musubi_tuner.architectures.hunyuan_video.tiny import TINY_POOLED_DIM, TINY_TEXT_DIM, write_tiny_hv_dit
+
+    args = bench_train_overhead.parse_args(["--arch", "hunyuan_video", "--size", "32", "--frames", "5", "--items",
+                                            "2", "--text_tokens", "4", "--network_dim", "4", "--mixed_precision",
+                                            "no", *extra])
+    dit = bench_train_overhead.DitFile(write_tiny_hv_dit(tmp_path, layout="comfy"), "tiny HunyuanVideo",
+                                       (TINY_TEXT_DIM, TINY_POOLED_DIM))
+    return args, dit
+
+
+def test_hv_trainer_and_bare_loops_both_run_on_the_same_caches(tmp_path):
+    from safetensors import safe_open
+
+    args, dit = tiny_hv_run(tmp_path, "--warmup", "0", "--steps", "1")
+    result = bench_train_overhead.measure(args, tmp_path, dit)
+    assert result["trainer_s"] > 0 and result["bare_s"] > 0
+    assert result["ratio"] == result["trainer_s"] / result["bare_s"]
+    with safe_open(tmp_path / "out" / "bench.safetensors", "pt") as f:  # the HV trainer trained and saved
+        keys = set(f.keys())
+        assert f.metadata()["ss_network_module"] == "networks.lora"
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in keys
+    assert not any("_mod_" in k or "modulation" in k for k in keys)
+    llm = next((tmp_path / "data" / "cache").glob("*_hv_te.safetensors"))
+    with safe_open(llm, "pt") as f:  # the caches the HV text caching script writes: 256 LLM tokens, 4 valid
+        assert tuple(f.get_slice("llm_bfloat16").get_shape()) == (256, 32)
+        assert f.get_tensor("llm_mask").sum() == 4
 
 
 @pytest.mark.parametrize("fp8_base", [False, True])
 def test_bare_lora_step_trains_a_hunyuan_video_dit(tmp_path, fp8_base):
-    from musubi_tuner.architectures.hunyuan_video.tiny import write_tiny_hv_dit
-
-    path = write_tiny_hv_dit(tmp_path, layout="comfy")
-    args = argparse.Namespace(batch_size=1, frames=5, size=32, text_tokens=4, mixed_precision="no",
-                              fp8_base=fp8_base, gradient_checkpointing=False, network_dim=4)
-    dit, latents, forward = bench_train_overhead.hv_bare_inputs(path, args)
+    args, dit_file = tiny_hv_run(tmp_path, *(["--fp8_base"] if fp8_base else []))
+    toml = bench_train_overhead.write_dataset(tmp_path / "data", args, dit_file)
+    argv = bench_train_overhead.training_argv(dit_file.path, toml, tmp_path / "out", args, 2)
+    dit, latents, forward = bench_train_overhead.bare_inputs("hunyuan_video", argv, toml, args)
     assert tuple(latents.shape) == (1, 16, 2, 4, 4)
     network = bench_train_overhead.attach_lora("hunyuan_video", dit, args)
     frozen = {n: p.detach().clone() for n, p in dit.state_dict().items()}
