@@ -48,3 +48,15 @@ def dit_compute_dtype(dit: nn.Module) -> torch.dtype:
     weights = [p for name, p in dit.named_parameters() if p.is_floating_point() and keep.isdisjoint(name.split("."))]
     dtype = (weights or [next(p for p in dit.parameters() if p.is_floating_point())])[0].dtype
     return torch.bfloat16 if dtype.itemsize == 1 else dtype
+
+
+def video_prompt_spec(args, **extra):
+    """The video generate scripts' shared flags (`--prompt`, `--video_size H W`, `--video_length`, `--infer_steps`,
+    `--guidance_scale`, `--flow_shift`, `--image_path`, ...) as a PromptSpec; `extra`: the family's own fields."""
+    from musubi_tuner.inference.prompts import PromptSpec
+
+    height, width = args.video_size if args.video_size else (None, None)
+    return PromptSpec(prompt=args.prompt or "", negative_prompt=args.negative_prompt, width=width, height=height,
+                      frames=args.video_length, seed=args.seed, steps=args.infer_steps,
+                      guidance_scale=args.guidance_scale, flow_shift=args.flow_shift, image_path=args.image_path,
+                      **extra)

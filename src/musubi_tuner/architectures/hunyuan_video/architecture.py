@@ -26,6 +26,7 @@ from musubi_tuner.architectures.common import (
     model_range_to_pixels,
     pixels_to_model_range,
     str_to_dtype,
+    video_prompt_spec,
 )
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
@@ -285,13 +286,7 @@ class HunyuanVideoArchitecture(Architecture):
 
     # ---- generation --------------------------------------------------------------------------------
     def prompt_spec_from_args(self, args: argparse.Namespace):
-        from musubi_tuner.inference.prompts import PromptSpec
-
-        height, width = args.video_size if args.video_size else (None, None)
-        return PromptSpec(prompt=args.prompt or "", negative_prompt=args.negative_prompt, width=width, height=height,
-                          frames=args.video_length, seed=args.seed, steps=args.infer_steps,
-                          guidance_scale=args.guidance_scale, embedded_guidance=args.embedded_cfg_scale,
-                          flow_shift=args.flow_shift, image_path=args.image_path)
+        return video_prompt_spec(args, embedded_guidance=args.embedded_cfg_scale)
 
     def _encode_for_generation(self, vae: nn.Module, pixels: torch.Tensor, seed: Any) -> torch.Tensor:
         """uint8 (F, H, W, 3) -> DiT-space latents (1, 16, f, h, w): a posterior sample (seeded by the request's

@@ -294,13 +294,9 @@ class WanArchitecture(Architecture):
         return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
 
     def prompt_spec_from_args(self, args: argparse.Namespace):
-        from musubi_tuner.inference.prompts import PromptSpec
+        from musubi_tuner.architectures.common import video_prompt_spec
 
-        height, width = args.video_size if args.video_size else (None, None)
-        return PromptSpec(prompt=args.prompt or "", negative_prompt=args.negative_prompt, width=width, height=height,
-                          frames=args.video_length, seed=args.seed, steps=args.infer_steps,
-                          guidance_scale=args.guidance_scale, flow_shift=args.flow_shift,
-                          image_path=args.image_path, end_image_path=args.end_image_path)
+        return video_prompt_spec(args, end_image_path=args.end_image_path)
 
     def generation_conditioning(self, encoders: WanLatentEncoders, request: Any, latent_shape: tuple[int, ...],
                                 args: argparse.Namespace) -> dict[str, Any]:
