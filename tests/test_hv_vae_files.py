@@ -109,3 +109,20 @@ def test_wrong_file_is_named(tmp_path):
     save_file({"double_blocks.0.img_attn_qkv.weight": torch.zeros(3, 1)}, str(path))
     with pytest.raises(CheckpointError, match=r"--vae .* is a HunyuanVideo DiT; --vae expects the HunyuanVideo VAE"):
         load_hv_vae(path)
+
+
+@pytest.mark.parametrize("layout", ["official_pt", "comfy"])
+def test_merge_lora_names_the_hv_vae_given_as_dit(tmp_path, layout, capsys):
+    """The official VAE .pt wraps its keys in `vae.`: a VAE passed as --dit is still named, before any LoRA check."""
+    from musubi_tuner import merge_lora
+    from musubi_tuner.networks.lora_files import save_lora_file
+
+    vae = write_tiny_hv_vae(tmp_path / "vae", layout)
+    lora = tmp_path / "lora.safetensors"
+    save_lora_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8),
+                    "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(24, 2)}, lora, None)
+    with pytest.raises(SystemExit) as exit_info:
+        merge_lora.main(["--dit", str(vae), "--lora_weight", str(lora), "--save_merged_model",
+                         str(tmp_path / "merged.safetensors")])
+    assert exit_info.value.code == 2
+    assert "this looks like a HunyuanVideo VAE, not a DiT" in capsys.readouterr().err

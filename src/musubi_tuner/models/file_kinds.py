@@ -29,9 +29,16 @@ _KINDS: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+WRAPPER_PREFIXES = ("vae.", "first_stage_model.")
+"""Prefixes some files put before every key of a VAE; stripped before the markers are checked."""
+
+
 def describe_checkpoint(keys: Iterable[str]) -> str | None:
     """A short description of what the keys look like ("a Wan VAE (original layout)"), or None if unknown."""
     keys = set(keys)
+    for wrapper in WRAPPER_PREFIXES:  # e.g. HunyuanVideo's official VAE .pt holds `vae.decoder...`
+        if keys and all(k.startswith(wrapper) for k in keys):
+            keys = {k[len(wrapper):] for k in keys}
     if any(".lora_down." in k or ".lora_A." in k or k.endswith(".alpha") for k in keys):
         return "a LoRA file (pass it with --network_weights / --lora_weight instead)"
     for markers, description in _KINDS:
