@@ -31,13 +31,12 @@ from musubi_tuner.architectures.common import (
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
+from musubi_tuner.models.hunyuan_video.vae_files import HV_VAE_SCALING_FACTOR
 from musubi_tuner.networks.targets import LoraTarget, targets_from_layout
 
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
-VAE_SCALING_FACTOR = 0.476986
-"""Same value as `models.hunyuan_video.vae_files.HV_VAE_SCALING_FACTOR` (kept import-free for the registry)."""
 GUIDANCE_EMBED_SCALE = 1000.0
 """Generation feeds the embedded guidance scale x1000 to the guidance embedder (reference and diffusers alike)."""
 TRAINING_GUIDANCE_INPUT = 1.0
@@ -184,7 +183,7 @@ class HunyuanVideoArchitecture(Architecture):
         return [{"latents": latent} for latent in latents]
 
     def latents_from_cache(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents * VAE_SCALING_FACTOR
+        return latents * HV_VAE_SCALING_FACTOR
 
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_latents
@@ -295,7 +294,7 @@ class HunyuanVideoArchitecture(Architecture):
 
         generator = torch.Generator(device=vae.device).manual_seed(int(seed)) if seed is not None else None
         video = pixels_to_model_range(pixels[None], vae.device, vae.dtype)
-        return encode_hv_latents(vae, video, sample=True, generator=generator).float().cpu() * VAE_SCALING_FACTOR
+        return encode_hv_latents(vae, video, sample=True, generator=generator).float().cpu() * HV_VAE_SCALING_FACTOR
 
     def generation_conditioning(self, encoders: nn.Module, request: Any, latent_shape: tuple[int, ...],
                                 args: argparse.Namespace) -> dict[str, Any]:
