@@ -9,8 +9,9 @@ import pytest
 from musubi_tuner.architectures import get_architecture
 from musubi_tuner.architectures.wan.task_defaults import NEGATIVE_PROMPT
 from musubi_tuner.inference.generate import resolve_spec, sample_solver_for
+from musubi_tuner.inference.prompt_checks import check_request
 from musubi_tuner.inference.prompts import PromptSpec, parse_prompt_line
-from musubi_tuner.inference.training_samples import SAMPLE_DEFAULTS, resolve_sample_spec
+from musubi_tuner.inference.training_samples import SAMPLE_DEFAULTS, sample_request
 
 # Wan's `sample_neg_prompt` (shared config of Wan2.1, used by the reference), typed out from its source.
 WAN_NEGATIVE = (
@@ -31,6 +32,11 @@ REFERENCE = {
     ("flf2v-14B", 832, 480): (40, 5.0, 5.0, 81, "镜头切换，"),
     ("flf2v-14B", 1280, 720): (40, 5.0, 5.0, 81, "镜头切换，"),
 }
+
+
+def _sample_spec(arch, spec, args):
+    """A sample line as training resolves and checks it (load_sample_requests, one line)."""
+    return check_request(arch, sample_request(spec, args), args)
 
 
 def test_wan_negative_prompt_is_wans_own_string():
@@ -71,7 +77,7 @@ def test_samplers_default_to_the_reference_ones():
 def test_training_samples_use_shift_14_5_and_no_cfg_without_n(arch_name):
     arch = get_architecture(arch_name)
     args = argparse.Namespace(task="t2v-1.3B")
-    spec = resolve_sample_spec(arch, parse_prompt_line("a cat --d 3", SAMPLE_DEFAULTS), args)
+    spec = _sample_spec(arch, parse_prompt_line("a cat --d 3", SAMPLE_DEFAULTS), args)
     assert (spec.width, spec.height, spec.frames, spec.steps, spec.flow_shift) == (256, 256, 1, 20, 14.5)
     assert spec.guidance_scale == 1.0 and spec.negative_prompt == ""  # no --n: one pass, as the reference
 
@@ -79,14 +85,14 @@ def test_training_samples_use_shift_14_5_and_no_cfg_without_n(arch_name):
 def test_training_sample_line_options_win():
     arch = get_architecture("wan")
     line = "a cat --fs 3 --n blurry --l 4.5"
-    spec = resolve_sample_spec(arch, parse_prompt_line(line, SAMPLE_DEFAULTS), argparse.Namespace(task="t2v-1.3B"))
+    spec = _sample_spec(arch, parse_prompt_line(line, SAMPLE_DEFAULTS), argparse.Namespace(task="t2v-1.3B"))
     assert (spec.flow_shift, spec.negative_prompt, spec.guidance_scale) == (3.0, "blurry", 4.5)
     # --n without --l: the reference's CFG default (Wan 5.0)
-    spec = resolve_sample_spec(arch, parse_prompt_line("a cat --n ugly", SAMPLE_DEFAULTS), argparse.Namespace(task="t2v-1.3B"))
+    spec = _sample_spec(arch, parse_prompt_line("a cat --n ugly", SAMPLE_DEFAULTS), argparse.Namespace(task="t2v-1.3B"))
     assert spec.guidance_scale == 5.0
 
 
 def test_kontext_samples_keep_embedded_guidance_and_fs0_means_flux_shift():
     arch = get_architecture("flux_kontext")
-    spec = resolve_sample_spec(arch, parse_prompt_line("edit --fs 0", SAMPLE_DEFAULTS), argparse.Namespace())
+    spec = _sample_spec(arch, parse_prompt_line("edit --fs 0", SAMPLE_DEFAULTS), argparse.Namespace())
     assert spec.flow_shift == 0 and spec.embedded_guidance == 2.5

@@ -23,7 +23,6 @@ from musubi_tuner.inference.generate import (
     free_memory,
     generation_metadata,
     render,
-    resolve_spec,
     sample_solver_for,
 )
 from musubi_tuner.inference.prompts import PromptSpec, load_prompt_file
@@ -43,10 +42,6 @@ def sample_request(spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
     if spec.seed is None:
         spec = replace(spec, seed=getattr(args, "seed", None))
     return spec
-
-
-def resolve_sample_spec(arch: Architecture, spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
-    return resolve_spec(arch, sample_request(spec, args), args)
 
 
 def load_sample_requests(arch: Architecture, args: argparse.Namespace) -> list[PromptSpec]:
