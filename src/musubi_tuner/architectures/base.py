@@ -180,6 +180,16 @@ class Architecture:
         from part way (`inference.video_to_video`); None (the default): start from pure noise."""
         return None
 
+    def generation_guidance(self, args: argparse.Namespace) -> Any:
+        """Per-step guidance choices from the generate flags (`inference.guidance.GuidanceOptions`: Wan's
+        `--cfg_skip_mode/--cfg_apply_ratio` and `--slg_*`); None (the default): CFG on every step."""
+        return None
+
+    def block_skipper(self, dit: nn.Module) -> Any:
+        """`skip(indices)` -> a context in which those DiT blocks pass their input through (skip-layer guidance);
+        None (the default): this family cannot skip blocks."""
+        return None
+
     def prompt_spec_from_args(self, args: argparse.Namespace) -> Any:
         """The generate script's flags (size, frames, images ...) as an `inference.prompts.PromptSpec`."""
         raise self._missing("prompt_spec_from_args")

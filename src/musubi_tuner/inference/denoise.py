@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from musubi_tuner.inference.guidance import GuidanceOptions, GuidancePlan, SkipLayers, guided_velocity, step_velocity
 from musubi_tuner.inference.schedulers import FlowScheduler
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -31,9 +32,7 @@ def initial_noise(
     return noise.to(device=device, dtype=dtype)
 
 
-def guided_velocity(cond_pred: torch.Tensor, uncond_pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond)."""
-    return uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+__all__ = ["PredictFn", "denoise", "guided_velocity", "initial_noise"]
 
 
 def denoise(
@@ -48,6 +47,8 @@ def denoise(
     progress: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     start_step: int = 0,
+    guidance: GuidanceOptions | None = None,
+    skip_layers: SkipLayers | None = None,
 ) -> torch.Tensor:
     """Run the sampler from noise `latents` (B, ...) and return the final latents (float32).
 
@@ -55,8 +56,11 @@ def denoise(
     with `uncond` None or `guidance_scale` 1.0 only the positive pass runs.
     `callback(step_index, latents)` is called after every step (e.g. latent previews).
     start_step: skip the first steps of the schedule (video to video starts from noised source latents).
+    guidance: CFG skipping and skip-layer guidance per step (`inference.guidance`; None: CFG on every step), over
+    the steps that run; skip_layers: the DiT's block-skipping context, needed by skip-layer guidance.
     """
-    use_cfg = uncond is not None and guidance_scale != 1.0
+    if uncond is None or guidance_scale == 1.0:
+        uncond = None  # no negative pass
     timesteps = scheduler.set_timesteps(num_steps, device=latents.device)
     if start_step:
         scheduler.begin_at(start_step)
@@ -64,13 +68,12 @@ def denoise(
     # The solver works in float32 whatever dtype the DiT runs in; `predict` casts its inputs.
     latents = latents.to(torch.float32)
     batch = latents.shape[0]
+    plan = GuidancePlan.for_steps(guidance, len(timesteps))
     for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
         t_batch = t.to(device=latents.device, dtype=torch.float32).expand(batch)
         with torch.no_grad():
-            velocity = predict(latents, t_batch, cond).to(torch.float32)
-            if use_cfg:
-                uncond_velocity = predict(latents, t_batch, uncond).to(torch.float32)
-                velocity = guided_velocity(velocity, uncond_velocity, guidance_scale)
+            velocity = step_velocity(lambda c: predict(latents, t_batch, c).to(torch.float32), cond, uncond,
+                                     guidance_scale, plan, i, skip_layers)
         latents = scheduler.step(velocity, t, latents, generator=generator)
         if callback is not None:
             callback(i, latents)

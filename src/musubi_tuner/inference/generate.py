@@ -101,7 +101,8 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
     dit.eval()
     try:
         return denoise(predict, latents, scheduler, spec.steps, cond, uncond, spec.guidance_scale,
-                       progress=settings.progress, start_step=start_step)
+                       progress=settings.progress, start_step=start_step,
+                       guidance=arch.generation_guidance(args), skip_layers=arch.block_skipper(dit))
     finally:
         dit.train(was_training)
 

@@ -34,3 +34,32 @@ def noised_source(scheduler: FlowScheduler, num_steps: int, strength: float, noi
     t = float(scheduler.inner.timesteps[start]) / 1000.0
     latents = noise * t + source.to(noise.device, noise.dtype) * (1.0 - t)
     return latents, start
+
+
+def add_video_to_video_arguments(parser) -> None:
+    """`--video_path` and `--strength` (default 0.8, as hv_generate_video.py), for any family that encodes videos."""
+    parser.add_argument("--video_path", default=None,
+                        help="video to video: the source video (file or folder of frames), resized to "
+                             "--video_size; its first --video_length frames are used")
+    parser.add_argument("--strength", type=float, default=0.8,
+                        help="video to video: share of the steps re-run on the noised source (default 0.8; "
+                             "1.0 ignores the source)")
+
+
+def check_video_to_video_flags(args, infer_steps: int) -> None:
+    """Before any model loads: the source video exists and `--strength` leaves at least one of the steps."""
+    from pathlib import Path
+
+    if not getattr(args, "video_path", None):
+        return
+    if not Path(args.video_path).exists():
+        raise UserError(f"--video_path {args.video_path}: video not found (check the path)")
+    steps_for_strength(infer_steps, args.strength)
+
+
+def load_source_video(video_path: str, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """The source video's first frames for a (C, F, H, W) latent of 4N+1-frame families, uint8 (F, H, W, 3)."""
+    from musubi_tuner.inference.images import load_video_resized
+
+    frames = (latent_shape[1] - 1) * 4 + 1
+    return load_video_resized(video_path, frames, latent_shape[-1] * 8, latent_shape[-2] * 8)

@@ -103,12 +103,9 @@ class HunyuanVideoArchitecture(Architecture):
             parser.add_argument("--split_uncond", action="store_true",
                                 help="accepted for compatibility: the positive and negative passes always run "
                                      "separately (batch-size-1 memory)")
-            parser.add_argument("--video_path", default=None,
-                                help="video to video: the source video (file or folder of frames), resized to "
-                                     "--video_size; its first --video_length frames are used")
-            parser.add_argument("--strength", type=float, default=0.8,
-                                help="video to video: share of the steps re-run on the noised source (default 0.8; "
-                                     "1.0 ignores the source)")
+            from musubi_tuner.inference.video_to_video import add_video_to_video_arguments
+
+            add_video_to_video_arguments(parser)
             parser.add_argument("--image_path", default=None,
                                 help="SkyReels V1 I2V: the start image (needs a 32-channel DiT, --dit_in_channels 32)")
             parser.add_argument("--exclude_single_blocks", action="store_true",
@@ -139,12 +136,9 @@ class HunyuanVideoArchitecture(Architecture):
             self.latent_shape(16, 16, args.video_length)
         if args.fps is not None and args.fps <= 0:
             raise UserError(f"--fps {args.fps}: must be > 0")
-        if args.video_path:
-            from musubi_tuner.inference.video_to_video import steps_for_strength
+        from musubi_tuner.inference.video_to_video import check_video_to_video_flags
 
-            if not Path(args.video_path).exists():
-                raise UserError(f"--video_path {args.video_path}: video not found (check the path)")
-            steps_for_strength(args.infer_steps or self.generation_defaults.infer_steps, args.strength)
+        check_video_to_video_flags(args, args.infer_steps or self.generation_defaults.infer_steps)
         if args.image_path:
             if args.dit_in_channels == 16:
                 raise UserError("--image_path needs the SkyReels V1 I2V DiT (32 input channels): pass "
@@ -318,10 +312,9 @@ class HunyuanVideoArchitecture(Architecture):
         video_path = getattr(args, "video_path", None)
         if not video_path:
             return None
-        from musubi_tuner.inference.images import load_video_resized
+        from musubi_tuner.inference.video_to_video import load_source_video
 
-        frames = (latent_shape[1] - 1) * 4 + 1
-        pixels = load_video_resized(video_path, frames, latent_shape[-1] * 8, latent_shape[-2] * 8)
+        pixels = load_source_video(video_path, latent_shape)
         return self._encode_for_generation(encoders, pixels, getattr(request, "seed", None)), float(args.strength)
 
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:

@@ -95,6 +95,7 @@ class WanArchitecture(Architecture):
                                      "for a corrupted tail with --end_image_path); latents keep every frame")
             parser.add_argument("--image_path", default=None, help="start image (I2V / FLF2V)")
             parser.add_argument("--end_image_path", default=None, help="end image (FLF2V)")
+            self._add_generation_mode_arguments(parser)
         if purpose in ("cache_text", "train", "generate"):
             parser.add_argument("--t5", default=None, help="umT5 text encoder: models_t5_umt5-xxl-enc-bf16.pth or an HF-layout .safetensors")
             parser.add_argument("--fp8_t5", action="store_true", help="store umT5 Linear weights in float8_e4m3fn")
@@ -114,6 +115,7 @@ class WanArchitecture(Architecture):
                                 "I2V caches hold the CLIP image context); add --clip, or drop --i2v for T2V caches")
         if purpose == "generate":
             self._validate_generation_size(args)
+            self._validate_generation_modes(args)
         if purpose in ("train", "generate") and args.task in I2V_TASKS and not args.clip:
             logger.info("--task %s without --clip: the CLIP context must come from the latent caches", args.task)
 
@@ -123,6 +125,28 @@ class WanArchitecture(Architecture):
         if args.video_length and args.trim_tail_frames >= args.video_length:
             raise UserError(f"--trim_tail_frames {args.trim_tail_frames} would remove all {args.video_length} frames "
                             "of --video_length; use a smaller value")
+
+    def _add_generation_mode_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Video to video, CFG skipping, skip-layer guidance and the official model folder."""
+        from musubi_tuner.inference.guidance import add_guidance_arguments
+        from musubi_tuner.inference.video_to_video import add_video_to_video_arguments
+
+        add_video_to_video_arguments(parser)
+        add_guidance_arguments(parser)
+        parser.add_argument("--ckpt_dir", default=None,
+                            help="official Wan2.1 model folder: fills --vae, --t5, --t5_tokenizer, --clip and --dit "
+                                 "from its files when they are not given")
+
+    def _validate_generation_modes(self, args: argparse.Namespace) -> None:
+        from musubi_tuner.inference.guidance import guidance_options_from_args
+        from musubi_tuner.inference.video_to_video import check_video_to_video_flags
+
+        if args.ckpt_dir:
+            from musubi_tuner.architectures.wan.ckpt_dir import fill_from_ckpt_dir
+
+            fill_from_ckpt_dir(args, needs_clip=args.task in I2V_TASKS)
+        check_video_to_video_flags(args, args.infer_steps or self.generation_defaults_for(args).infer_steps)
+        guidance_options_from_args(args, warn=True)
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -292,6 +316,30 @@ class WanArchitecture(Architecture):
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         self.check_request_size(width, height, frames, SIZE_FLAGS)
         return (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+    def generation_guidance(self, args: argparse.Namespace):
+        from musubi_tuner.inference.guidance import guidance_options_from_args
+
+        return guidance_options_from_args(args) if hasattr(args, "cfg_skip_mode") else None
+
+    def block_skipper(self, dit: nn.Module):
+        from functools import partial
+
+        from musubi_tuner.inference.guidance import blocks_passed_through
+
+        return partial(blocks_passed_through, dit.blocks)
+
+    def generation_source_latents(self, encoders: WanLatentEncoders, request: Any, latent_shape: tuple[int, ...],
+                                  args: argparse.Namespace) -> tuple[torch.Tensor, float] | None:
+        """Video to video (`--video_path`, `--strength`): the source video's first frames, VAE-encoded."""
+        video_path = getattr(args, "video_path", None)
+        if not video_path:
+            return None
+        from musubi_tuner.inference.video_to_video import load_source_video
+
+        pixels = load_source_video(video_path, latent_shape)
+        video = pixels_to_model_range(pixels[None], encoders.vae.device, encoders.vae.dtype)
+        return self._encode_video(encoders.vae, video).float().cpu(), float(args.strength)
 
     def prompt_spec_from_args(self, args: argparse.Namespace):
         from musubi_tuner.architectures.common import video_prompt_spec
