@@ -248,10 +248,11 @@ def test_generate_cli_modes_end_to_end(ws, tmp_path):
     (["--video_path", "{video}", "--strength", "0.1", "--infer_steps", "4"], "--strength"),
     (["--ckpt_dir", "no_such_folder"], "--ckpt_dir"),
     (["--slg_layers", "a,b", "--slg_mode", "uncond"], "--slg_layers"),
+    (["--dit", "{dit}", "--slg_layers", "1,2", "--slg_mode", "original"], "--slg_layers 2: --dit"),  # 2 blocks
 ])
 def test_bad_mode_flags_fail_before_any_model_loads(ws, tmp_path, capsys, argv, message):
     source = next((ws.root / "data" / "videos").glob("*.mp4"))
-    argv = [a.replace("{video}", str(source)) for a in argv]
+    argv = [a.replace("{video}", str(source)).replace("{dit}", str(ws.dit)) for a in argv]
     # no model file at all: the run must stop on the flag before trying to load one
     assert run(wan_generate_video.main, ["--task", "t2v-1.3B", "--prompt", "p", "--save_path", str(tmp_path / "o"),
                                          *argv]) == 2

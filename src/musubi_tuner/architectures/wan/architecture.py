@@ -146,7 +146,15 @@ class WanArchitecture(Architecture):
 
             fill_from_ckpt_dir(args, needs_clip=args.task in I2V_TASKS)
         check_video_to_video_flags(args, args.infer_steps or self.generation_defaults_for(args).infer_steps)
-        guidance_options_from_args(args, warn=True)
+        slg = guidance_options_from_args(args, warn=True).slg
+        if slg is not None and args.dit and not args.latent_path:  # layers beyond the DiT: say so before loading it
+            from musubi_tuner.architectures.wan.dit_files import dit_block_count
+
+            blocks = dit_block_count(args.dit)
+            beyond = [layer for layer in slg.layers if layer >= blocks]
+            if beyond:
+                raise UserError(f"--slg_layers {','.join(map(str, beyond))}: --dit {args.dit} has blocks "
+                                f"0..{blocks - 1}")
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:

@@ -25,7 +25,9 @@ from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.meta_loading import assign_weights
 from musubi_tuner.errors import CheckpointError, UserError
 from musubi_tuner.models.checkpoint_io import (
+    count_numbered,
     load_state_dict,
+    read_keys_and_shapes,
     read_safetensors_keys,
     save_state_dict,
     strip_prefix,
@@ -280,6 +282,11 @@ def _read_shapes_or_state(path: Path, device: str | torch.device, flag: str):
         return read_safetensors_keys(path, flag), None
     state = load_state_dict(path, device=device, flag=flag)
     return {k: tuple(v.shape) for k, v in state.items()}, state
+
+
+def dit_block_count(path: str | os.PathLike, flag: str = "--dit") -> int:
+    """How many transformer blocks a DiT file holds (any layout), from its header when it is a safetensors."""
+    return count_numbered(strip_prefix(read_keys_and_shapes(path, flag)), r"blocks\.(\d+)\.")
 
 
 def build_empty_wan_dit(config: dict[str, Any]):
