@@ -249,6 +249,9 @@ def test_generate_cli_modes_end_to_end(ws, tmp_path):
     (["--ckpt_dir", "no_such_folder"], "--ckpt_dir"),
     (["--slg_layers", "a,b", "--slg_mode", "uncond"], "--slg_layers"),
     (["--dit", "{dit}", "--slg_layers", "1,2", "--slg_mode", "original"], "--slg_layers 2: --dit"),  # 2 blocks
+    # --trim_tail_frames against each request's frames, also the task's default 81 and an in-line --f
+    (["--trim_tail_frames", "81"], "--trim_tail_frames 81 would remove all 81 frames"),
+    (["--prompt", "p --f 5", "--trim_tail_frames", "5"], "--trim_tail_frames 5 would remove all 5 frames"),
 ])
 def test_bad_mode_flags_fail_before_any_model_loads(ws, tmp_path, capsys, argv, message):
     source = next((ws.root / "data" / "videos").glob("*.mp4"))

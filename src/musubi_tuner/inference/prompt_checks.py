@@ -29,6 +29,10 @@ def check_request(arch: Architecture, spec: PromptSpec, args: argparse.Namespace
         arch.check_request_size(resolved.width, resolved.height, resolved.frames, OPTION_OF_FIELD)
     except UserError as exc:
         raise PromptOptionError(f"{where}: {exc}") from None
+    trim = getattr(args, "trim_tail_frames", 0)  # Wan's; checked here against each request's own frame count
+    if trim and trim >= resolved.frames:
+        raise PromptOptionError(f"{where}: --trim_tail_frames {trim} would remove all {resolved.frames} frames; use "
+                                "a smaller value or more frames")
     for field in MEDIA_FIELDS + MEDIA_LIST_FIELDS:
         value = getattr(resolved, field)
         for path in value if isinstance(value, list) else [value]:
