@@ -145,13 +145,17 @@ def blocks_passed_through(blocks: nn.ModuleList, indices: Sequence[int]) -> Iter
     if bad:
         raise UserError(f"--slg_layers {','.join(map(str, bad))}: this DiT has blocks 0..{len(blocks) - 1}")
     patched = [blocks[i] for i in sorted(set(indices))]
+    own = [block.__dict__.get("forward") for block in patched]  # a forward someone else set on the instance
     for block in patched:
         block.forward = _pass_through  # instance attribute: hooks (block swap) still run around it
     try:
         yield
     finally:
-        for block in patched:
-            del block.forward
+        for block, previous in zip(patched, own):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
 
 
 def _pass_through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
