@@ -252,6 +252,8 @@ def test_generate_cli_modes_end_to_end(ws, tmp_path):
     # --trim_tail_frames against each request's frames, also the task's default 81 and an in-line --f
     (["--trim_tail_frames", "81"], "--trim_tail_frames 81 would remove all 81 frames"),
     (["--prompt", "p --f 5", "--trim_tail_frames", "5"], "--trim_tail_frames 5 would remove all 5 frames"),
+    # the strength against each request's own steps (an in-line --s)
+    (["--prompt", "p --s 2", "--video_path", "{video}", "--strength", "0.4"], "--strength 0.4 with 2 steps"),
 ])
 def test_bad_mode_flags_fail_before_any_model_loads(ws, tmp_path, capsys, argv, message):
     source = next((ws.root / "data" / "videos").glob("*.mp4"))

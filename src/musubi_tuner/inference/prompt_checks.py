@@ -33,6 +33,13 @@ def check_request(arch: Architecture, spec: PromptSpec, args: argparse.Namespace
     if trim and trim >= resolved.frames:
         raise PromptOptionError(f"{where}: --trim_tail_frames {trim} would remove all {resolved.frames} frames; use "
                                 "a smaller value or more frames")
+    if getattr(args, "video_path", None):  # video to video: the strength must leave a step of this request's steps
+        from musubi_tuner.inference.video_to_video import steps_for_strength
+
+        try:
+            steps_for_strength(resolved.steps, args.strength)
+        except UserError as exc:
+            raise PromptOptionError(f"{where}: {exc}") from None
     for field in MEDIA_FIELDS + MEDIA_LIST_FIELDS:
         value = getattr(resolved, field)
         for path in value if isinstance(value, list) else [value]:
