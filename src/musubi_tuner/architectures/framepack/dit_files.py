@@ -25,13 +25,18 @@ from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.hf_folder import read_model_folder
 from musubi_tuner.models.meta_loading import assign_weights
 
-__all__ = ["load_framepack_dit", "infer_framepack_config", "FRAMEPACK_FP8_TARGETS", "DIT_FLAG_HINT"]
+__all__ = ["load_framepack_dit", "infer_framepack_config", "FRAMEPACK_FP8_TARGETS", "DIT_FLAG_HINT", "BLOCK_CLASSES"]
 
 DIT_FLAG_HINT = ("--dit expects a FramePack DiT: the first of lllyasviel/FramePackI2V_HY's (or F1's) 3 shards "
                  "diffusion_pytorch_model-00001-of-00003.safetensors, FramePackI2V_HY_bf16.safetensors, or their folder")
 FRAMEPACK_FP8_TARGETS = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
 """The Linears --fp8_base/--fp8_scaled store in fp8 (the reference's targets; norms stay, by the class's own
 `_skip_layerwise_casting_patterns`)."""
+
+BLOCK_CLASSES = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
+"""The repeated transformer blocks (the reference's FramePack LoRA targets and swapped blocks). diffusers'
+FramePack class declares `_repeated_blocks = []`, so the loader sets these on the instance, for --blocks_to_swap
+and regional compilation."""
 
 _MARKER = "clean_x_embedder.proj.weight"
 _HEAD_NORM = "transformer_blocks.0.attn.norm_q.weight"
@@ -110,13 +115,19 @@ def _reject_prequantized(sd: Mapping[str, torch.Tensor], where: str) -> None:
                               "use the bf16 shards or FramePackI2V_HY_bf16.safetensors with --fp8_scaled")
 
 
+def mark_repeated_blocks(model: nn.Module) -> nn.Module:
+    """Set `BLOCK_CLASSES` as `model`'s `_repeated_blocks`, on the instance only (no process-wide change)."""
+    model._repeated_blocks = list(BLOCK_CLASSES)
+    return model
+
+
 def build_empty_framepack_dit(config: dict[str, Any]) -> nn.Module:
     """`HunyuanVideoFramepackTransformer3DModel` with parameters on the meta device (shapes only)."""
     from accelerate import init_empty_weights
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     with init_empty_weights():
-        return HunyuanVideoFramepackTransformer3DModel.from_config(config)
+        return mark_repeated_blocks(HunyuanVideoFramepackTransformer3DModel.from_config(config))
 
 
 def load_framepack_dit(path: str | os.PathLike, *, device: str | torch.device = "cpu",

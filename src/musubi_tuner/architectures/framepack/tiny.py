@@ -58,13 +58,15 @@ def tiny_framepack_dit(seed: int = 0):
     zero-initialises some layers), so a swapped or missing weight changes the output."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
+    from musubi_tuner.architectures.framepack.dit_files import mark_repeated_blocks
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HunyuanVideoFramepackTransformer3DModel.from_config(tiny_framepack_config())
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return mark_repeated_blocks(model).eval()
 
 
 def _shard_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
