@@ -43,7 +43,7 @@ def denoise(
     num_steps: int,
     cond: dict[str, Any],
     uncond: dict[str, Any] | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Callable[[float], float] = 1.0,
     generator: torch.Generator | None = None,
     progress: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
@@ -52,11 +52,12 @@ def denoise(
     """Run the sampler from noise `latents` (B, ...) and return the final latents (float32).
 
     The positive and negative passes are two `predict` calls (so batch-size-1 memory is enough);
-    with `uncond` None or `guidance_scale` 1.0 only the positive pass runs.
+    with `uncond` None or `guidance_scale` 1.0 only the positive pass runs. A callable `guidance_scale` gives the scale
+    per timestep (Wan2.2: one per expert); CFG then runs whenever `uncond` is given.
     `callback(step_index, latents)` is called after every step (e.g. latent previews).
     start_step: skip the first steps of the schedule (video to video starts from noised source latents).
     """
-    use_cfg = uncond is not None and guidance_scale != 1.0
+    use_cfg = uncond is not None and (callable(guidance_scale) or guidance_scale != 1.0)
     timesteps = scheduler.set_timesteps(num_steps, device=latents.device)
     if start_step:
         scheduler.begin_at(start_step)
@@ -70,7 +71,8 @@ def denoise(
             velocity = predict(latents, t_batch, cond).to(torch.float32)
             if use_cfg:
                 uncond_velocity = predict(latents, t_batch, uncond).to(torch.float32)
-                velocity = guided_velocity(velocity, uncond_velocity, guidance_scale)
+                scale = guidance_scale(float(t)) if callable(guidance_scale) else guidance_scale
+                velocity = guided_velocity(velocity, uncond_velocity, scale)
         latents = scheduler.step(velocity, t, latents, generator=generator)
         if callback is not None:
             callback(i, latents)

@@ -100,7 +100,8 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
     was_training = dit.training
     dit.eval()
     try:
-        return denoise(predict, latents, scheduler, spec.steps, cond, uncond, spec.guidance_scale,
+        guidance = arch.guidance_schedule(args, spec.guidance_scale) or spec.guidance_scale
+        return denoise(predict, latents, scheduler, spec.steps, cond, uncond, guidance,
                        progress=settings.progress, start_step=start_step)
     finally:
         dit.train(was_training)
