@@ -1,0 +1,198 @@
+"""Wan2.2 A14B on two tiny experts: the switch at the boundary, per-expert guidance and LoRAs, training draws that
+keep a step on one expert, the flags' checks, and per-expert LoRA files in ComfyUI and diffusers."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from musubi_tuner.architectures import get_architecture
+from musubi_tuner.architectures.wan import wan22_experts
+from musubi_tuner.architectures.wan.dit_files import save_wan_dit_original
+from musubi_tuner.architectures.wan.tiny import make_tiny_dit
+from musubi_tuner.inference.denoise import guided_velocity, initial_noise
+from musubi_tuner.inference.generate import RenderSettings, render, resolve_spec
+from musubi_tuner.inference.prompts import PromptSpec
+from musubi_tuner.inference.schedulers import make_flow_scheduler
+from musubi_tuner.training.timesteps import TimestepConfig, TimestepSample, sample_timesteps
+
+WAN = get_architecture("wan")
+CPU = torch.device("cpu")
+
+
+def _expert_files(tmp_path, task="t2v-A14B"):
+    low, high = tmp_path / "low_noise.safetensors", tmp_path / "high_noise.safetensors"
+    save_wan_dit_original(make_tiny_dit(task, seed=0), low)
+    save_wan_dit_original(make_tiny_dit(task, seed=1), high)
+    return low, high
+
+
+def _args(low, high, **extra):
+    values = dict(task="t2v-A14B", dit=str(low), dit_high_noise=str(high) if high else None, timestep_boundary=None,
+                  offload_inactive_dit=False, guidance_scale_high_noise=None, force_v2_1_time_embedding=False,
+                  lora_weight=[], lora_multiplier=[], include_patterns=None, exclude_patterns=None)
+    values.update(extra)
+    return argparse.Namespace(**values)
+
+
+def _load(args):
+    return WAN.load_dit(args, CPU, torch.float32)
+
+
+def _paired(args):
+    dit = _load(args)
+    WAN.attach_expert_dits(dit, _load, args, CPU)
+    return dit
+
+
+def _text(seed, length):
+    return {"t5": [torch.randn(length, 32, generator=torch.Generator().manual_seed(seed))]}
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+def test_expert_switch_at_the_boundary_equals_a_hand_driven_two_model_loop(tmp_path):
+    low_path, high_path = _expert_files(tmp_path)
+    args = _args(low_path, high_path)
+    spec = resolve_spec(WAN, PromptSpec(prompt="p", width=32, height=32, frames=5, seed=7, steps=6), args)
+    assert (spec.steps, spec.flow_shift, spec.guidance_scale) == (6, 12.0, 3.0)  # t2v-A14B defaults (low noise CFG)
+    cond, uncond = _text(1, 5), _text(2, 3)
+    settings = RenderSettings(solver="unipc", device=CPU, progress=False)
+    ours = render(WAN, _paired(args), None, spec, cond, uncond, settings, args)
+
+    low, high = _load(args), _load(argparse.Namespace(**{**vars(args), "dit": str(high_path)}))
+    scheduler = make_flow_scheduler("unipc", spec.flow_shift)
+    latents = initial_noise((1, *WAN.latent_shape(32, 32, 5)), spec.seed, CPU)
+    used = []
+    for t in scheduler.set_timesteps(spec.steps, device=CPU):
+        is_high = float(t) / 1000 >= 0.875  # the t2v-A14B boundary
+        model, scale = (high, 4.0) if is_high else (low, 3.0)  # and its (high, low) guidance scales
+        used.append(is_high)
+        tb = t.reshape(1).float()
+        velocity = guided_velocity(WAN.predict(model, cond, latents, tb), WAN.predict(model, uncond, latents, tb), scale)
+        latents = scheduler.step(velocity, t, latents)
+    assert True in used and False in used  # both experts ran
+    assert torch.equal(ours, latents)
+    low_only = render(WAN, _load(args), None, spec, cond, uncond, settings, args)
+    assert not torch.allclose(low_only, latents, atol=1e-3)  # the high-noise expert made a difference
+
+
+def test_a_mixed_batch_runs_each_sample_through_its_expert(tmp_path):
+    low_path, high_path = _expert_files(tmp_path)
+    args = _args(low_path, high_path, offload_inactive_dit=True)
+    dit = _paired(args)
+    low, high = _load(args), _load(argparse.Namespace(**{**vars(args), "dit": str(high_path)}))
+    x = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    batch = {"t5": _text(1, 5)["t5"] + _text(2, 4)["t5"]}
+    t = torch.tensor([950.0, 100.0])
+    out = WAN.predict(dit, batch, x, t)
+    assert torch.equal(out[0:1], WAN.predict(high, {"t5": batch["t5"][:1]}, x[0:1], t[0:1]))
+    assert torch.equal(out[1:2], WAN.predict(low, {"t5": batch["t5"][1:]}, x[1:2], t[1:2]))
+    # the swap moved tensors, not modules: parameters()/state_dict() hold exactly one expert
+    pair = wan22_experts.expert_pair(dit)
+    active = high if pair.active_is_high else low
+    assert all(torch.equal(a, b) for a, b in zip(dit.state_dict().values(), active.state_dict().values()))
+    assert len(list(dit.parameters())) == len(list(low.parameters()))
+
+
+def test_one_dit_for_an_a14b_task_still_switches_guidance_at_the_boundary():
+    args = argparse.Namespace(task="i2v-A14B", timestep_boundary=None, guidance_scale_high_noise=None)
+    schedule = WAN.guidance_schedule(args, 3.5)
+    assert (schedule(901.0), schedule(900.0), schedule(899.0)) == (3.5, 3.5, 3.5)
+    args = argparse.Namespace(task="t2v-A14B", timestep_boundary=500, guidance_scale_high_noise=6.0)
+    schedule = WAN.guidance_schedule(args, 2.0)
+    assert (schedule(500.0), schedule(499.0)) == (6.0, 2.0)  # 500 > 1: on the 0..1000 scale
+    assert WAN.guidance_schedule(argparse.Namespace(task="t2v-14B"), 5.0) is None  # Wan2.1: one scale
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def test_same_side_draws_follow_the_first_draw_then_retry_each_sample():
+    sequence = iter([900.0, 100.0, 950.0, 50.0, 20.0, 990.0])  # decider, then tries for samples 0 and 1
+
+    def draw(n, uniform):
+        t = torch.tensor([next(sequence) for _ in range(n)])
+        return TimestepSample(sigmas=(t - 1) / 1000, timesteps=t)
+
+    sample = wan22_experts.draw_same_expert_timesteps(draw, 2, 0.875)
+    assert sample.timesteps.tolist() == [950.0, 990.0]
+    assert torch.allclose(sample.sigmas, torch.tensor([0.949, 0.989]))
+
+
+def test_same_side_draws_keep_the_flags_distribution_on_each_side():
+    config = TimestepConfig(sampling="shift", discrete_flow_shift=3.0)
+    gen = torch.Generator().manual_seed(0)
+    sides = []
+    for _ in range(200):
+        sample = wan22_experts.draw_same_expert_timesteps(lambda n, u: sample_timesteps(config, n, gen, None, u), 4, 0.875)
+        high = wan22_experts.is_high_noise(sample.timesteps, 0.875)
+        assert high.all() or not high.any()
+        sides.append(bool(high[0]))
+    plain = sample_timesteps(config, 20000, torch.Generator().manual_seed(1), None)
+    expected = wan22_experts.is_high_noise(plain.timesteps, 0.875).float().mean().item()
+    assert abs(sum(sides) / len(sides) - expected) < 0.1  # the first draw picks the side at the flags' rate
+
+
+def test_dual_training_runs_every_step_on_the_expert_of_its_timesteps(tmp_path, monkeypatch):
+    from musubi_tuner import wan_train_network
+    from musubi_tuner.architectures.wan.architecture import WanArchitecture
+    from safetensors.torch import load_file
+    from wan_fixtures import make_cached_workspace, run
+
+    ws = make_cached_workspace(tmp_path)
+    high_path = tmp_path / "high_noise.safetensors"
+    save_wan_dit_original(make_tiny_dit("t2v-A14B", seed=5), high_path)
+    high_q = load_file(high_path)["blocks.0.self_attn.q.weight"]
+    seen = []
+    original = WanArchitecture._predict_one
+
+    def spy(self, dit, batch, noisy, timesteps):
+        pair = wan22_experts.expert_pair(dit)
+        q = dit.blocks[0].attn1.to_q.weight
+        seen.append((wan22_experts.is_high_noise(timesteps, 0.875).tolist(), pair.active_is_high,
+                     torch.equal(q.detach().float(), high_q)))
+        return original(self, dit, batch, noisy, timesteps)
+
+    monkeypatch.setattr(WanArchitecture, "_predict_one", spy)
+    argv = ws.train_args(tmp_path / "out", 12)
+    argv[argv.index("t2v-1.3B")] = "t2v-A14B"
+    argv += ["--dit_high_noise", str(high_path), "--timestep_sampling", "uniform", "--offload_inactive_dit"]
+    assert run(wan_train_network.main, argv) == 0
+    assert len(seen) == 12
+    for sides, active_high, holds_high_weights in seen:
+        assert all(side == active_high for side in sides) and holds_high_weights == active_high
+    assert {active for _, active, _ in seen} == {True, False}  # 12 uniform draws: both experts trained
+    assert (tmp_path / "out" / "lora.safetensors").exists()
+
+
+# ---- flags --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--task", "t2v-14B", "--dit_high_noise", "h.safetensors"], "--dit_high_noise is for the Wan2.2 tasks"),
+    (["--task", "t2v-A14B", "--offload_inactive_dit", "--blocks_to_swap", "2"], "cannot be combined with --blocks_to_swap"),
+    (["--task", "t2v-A14B", "--dit_high_noise", "h.safetensors", "--blocks_to_swap", "2"], "not supported by this version"),
+    (["--task", "t2v-A14B", "--timestep_boundary", "1500"], "--timestep_boundary 1500"),
+])
+def test_expert_flags_are_checked_before_any_model_loads(extra, needle, tmp_path):
+    from musubi_tuner.errors import UserError
+    from musubi_tuner.training.cli import parse_training_args
+
+    with pytest.raises(UserError, match=needle):
+        parse_training_args(WAN, ["--dit", "never_loaded.safetensors", "--output_dir", str(tmp_path), *extra])
+
+
+def test_generation_refuses_high_noise_loras_without_the_high_noise_expert(tmp_path, capsys):
+    from musubi_tuner import wan_generate_video
+    from wan_fixtures import run
+
+    argv = ["--task", "t2v-A14B", "--dit", "never.safetensors", "--lora_weight_high_noise", "x.safetensors",
+            "--prompt", "p", "--save_path", str(tmp_path)]
+    assert run(wan_generate_video.main, argv) == 2
+    assert "--lora_weight_high_noise needs --dit_high_noise" in capsys.readouterr().err
+
+
+def test_timestep_boundary_defaults_and_scale():
+    ns = argparse.Namespace
+    assert wan22_experts.timestep_boundary(ns(task="t2v-A14B", timestep_boundary=None)) == 0.875
+    assert wan22_experts.timestep_boundary(ns(task="i2v-A14B", timestep_boundary=None)) == 0.9
+    assert wan22_experts.timestep_boundary(ns(task="i2v-A14B", timestep_boundary=850)) == 0.85
+    assert wan22_experts.timestep_boundary(ns(task="t2v-14B", timestep_boundary=None)) is None
