@@ -196,3 +196,77 @@ def test_timestep_boundary_defaults_and_scale():
     assert wan22_experts.timestep_boundary(ns(task="i2v-A14B", timestep_boundary=None)) == 0.9
     assert wan22_experts.timestep_boundary(ns(task="i2v-A14B", timestep_boundary=850)) == 0.85
     assert wan22_experts.timestep_boundary(ns(task="t2v-14B", timestep_boundary=None)) is None
+
+
+# ---- LoRA files, one per expert -----------------------------------------------------------------------------
+def test_per_expert_loras_load_in_comfyui_and_in_diffusers_transformer_2(tmp_path):
+    """i2v-A14B experts (no CLIP branch): each expert's LoRA is consumed whole by ComfyUI's key rule and loads
+    unconverted into diffusers' two-expert WanPipeline (`transformer` = high noise, `transformer_2` = low noise)."""
+    from diffusers import WanPipeline
+
+    from musubi_tuner.architectures.wan.dit_files import wan_dit_to_original
+    from musubi_tuner.inference.lora_merge import merge_loras_into_dit
+    from musubi_tuner.networks.lora_files import load_lora_file
+    from test_wan_lora_interop import _forward, _trainer_lora_file, comfy_unconsumed_keys
+
+    experts = {"low": make_tiny_dit("i2v-A14B", seed=0), "high": make_tiny_dit("i2v-A14B", seed=1)}
+    files = {}
+    for name, dit in experts.items():
+        (tmp_path / name).mkdir()
+        network, files[name] = _trainer_lora_file(tmp_path / name, "i2v-A14B", dit)
+        network.remove()
+        written, _ = load_lora_file(files[name])
+        assert not any("k_img" in k or "v_img" in k for k in written)  # no image branch to adapt
+        assert comfy_unconsumed_keys(written, wan_dit_to_original(dit.state_dict())) == []
+    gen = torch.Generator().manual_seed(3)
+    inputs = {"hidden_states": torch.randn(1, 36, 2, 4, 4, generator=gen), "timestep": torch.tensor([950.0]),
+              "encoder_hidden_states": torch.randn(1, 512, 32, generator=gen)}
+    ours = {}
+    for name, seed in (("low", 0), ("high", 1)):
+        merged = make_tiny_dit("i2v-A14B", seed=seed)
+        merge_loras_into_dit(WAN, merged, [str(files[name])], [1.0])
+        ours[name] = _forward(merged, inputs)
+        assert (ours[name] - _forward(make_tiny_dit("i2v-A14B", seed=seed), inputs)).abs().max() > 1e-3
+
+    pipe = WanPipeline(transformer=make_tiny_dit("i2v-A14B", seed=1), transformer_2=make_tiny_dit("i2v-A14B", seed=0),
+                       vae=None, text_encoder=None, tokenizer=None, scheduler=None, boundary_ratio=0.9)
+    pipe.load_lora_weights(str(files["high"]))
+    pipe.load_lora_weights(str(files["low"]), load_into_transformer_2=True)
+    assert torch.allclose(_forward(pipe.transformer, inputs), ours["high"], atol=1e-5, rtol=0)
+    assert torch.allclose(_forward(pipe.transformer_2, inputs), ours["low"], atol=1e-5, rtol=0)
+
+
+def test_generate_with_a_lora_per_expert_equals_the_merged_experts(tmp_path):
+    """wan_generate_video.py --lora_weight (low) --lora_weight_high_noise (high) gives the latents of the two experts
+    merged beforehand with merge_lora.py."""
+    from safetensors.torch import load_file
+
+    from musubi_tuner import merge_lora, wan_generate_video
+    from test_wan_lora_interop import _trainer_lora_file
+    from wan_fixtures import make_workspace, run
+
+    ws = make_workspace(tmp_path / "ws")
+    low_path, high_path = _expert_files(tmp_path)
+    loras = {}
+    for name, seed in (("low", 0), ("high", 1)):
+        (tmp_path / name).mkdir()
+        network, loras[name] = _trainer_lora_file(tmp_path / name, "t2v-A14B", make_tiny_dit("t2v-A14B", seed=seed))
+        network.remove()
+
+    def generate(folder, low, high, *extra):
+        argv = ["--task", "t2v-A14B", "--dit", str(low), "--dit_high_noise", str(high), *ws.vae_args, *ws.t5_args,
+                "--prompt", "a blue square", "--video_size", "32", "32", "--video_length", "1", "--infer_steps", "4",
+                "--seed", "5", "--save_path", str(folder), "--output_type", "latent", "--device", "cpu", *extra]
+        assert run(wan_generate_video.main, argv) == 0
+        (latent,) = folder.glob("*_latent.safetensors")
+        return load_file(str(latent))["latent"]
+
+    live = generate(tmp_path / "a", low_path, high_path, "--lora_weight", str(loras["low"]),
+                    "--lora_weight_high_noise", str(loras["high"]), "--lora_multiplier_high_noise", "0.8")
+    merged = {}
+    for name, path, multiplier in (("low", low_path, "1.0"), ("high", high_path, "0.8")):
+        merged[name] = tmp_path / f"merged_{name}.safetensors"
+        assert run(merge_lora.main, ["--dit", str(path), "--lora_weight", str(loras[name]), "--lora_multiplier",
+                                     multiplier, "--save_merged_model", str(merged[name])]) == 0
+    # each merged file holds one expert's LoRA only: a LoRA merged into the wrong expert, or left out, would differ
+    assert torch.equal(live, generate(tmp_path / "b", merged["low"], merged["high"]))
