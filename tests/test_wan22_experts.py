@@ -270,3 +270,41 @@ def test_generate_with_a_lora_per_expert_equals_the_merged_experts(tmp_path):
                                      multiplier, "--save_merged_model", str(merged[name])]) == 0
     # each merged file holds one expert's LoRA only: a LoRA merged into the wrong expert, or left out, would differ
     assert torch.equal(live, generate(tmp_path / "b", merged["low"], merged["high"]))
+
+
+# ---- the files users download -------------------------------------------------------------------------------
+def _comfy_scaled_fp8(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """ComfyUI's `*_fp8_scaled` layout of an original-layout state: block Linear weights in float8_e4m3fn with a
+    per-tensor `scale_weight` (amax / 448) and a `scale_input`, plus the `scaled_fp8` marker."""
+    out = {prefix + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in state.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.abs().max().float() / 448.0
+            out[prefix + key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            out[prefix + key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
+            out[prefix + key.removesuffix(".weight") + ".scale_input"] = torch.ones(())
+        else:
+            out[prefix + key] = tensor
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_comfyui_fp8_scaled_expert_loads_as_its_dequantized_weights(tmp_path, prefix):
+    from safetensors.torch import save_file
+
+    from musubi_tuner.architectures.wan.dit_files import load_wan_dit, wan_dit_to_original
+
+    reference = make_tiny_dit("i2v-A14B", seed=1)
+    original = {k: v.contiguous() for k, v in wan_dit_to_original(reference.state_dict()).items()}
+    scaled = _comfy_scaled_fp8(original, prefix)
+    path = tmp_path / "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
+    save_file(scaled, str(path))
+    loaded = load_wan_dit(path, task="i2v-A14B", dtype=torch.float32)
+    for key, value in wan_dit_to_original(loaded.state_dict()).items():
+        fp8 = scaled.get(prefix + key)
+        if prefix + key.removesuffix(".weight") + ".scale_weight" in scaled:  # exactly fp8 value * scale
+            expected = fp8.float() * scaled[prefix + key.removesuffix(".weight") + ".scale_weight"]
+            assert torch.equal(value, expected), key
+            assert (value - original[key]).abs().max() <= original[key].abs().max() / 8  # fp8 rounding only
+        else:
+            assert torch.equal(value, original[key]), key

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.architectures.wan.dit_names import diffusers_module_name, original_module_name
+from musubi_tuner.models.comfy_scaled_fp8 import dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, without_scale_keys
 from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.meta_loading import assign_weights
 from musubi_tuner.errors import CheckpointError, UserError
@@ -171,7 +172,12 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def _to_original_shapes(shapes: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    shapes = {k: _shape(v) for k, v in strip_prefix(shapes).items()}
+    shapes = strip_prefix(shapes)
+    if not is_comfy_scaled_fp8(shapes) and any(k.endswith(".scale_weight") for k in shapes):
+        raise CheckpointError("a scaled-fp8 checkpoint without ComfyUI's `scaled_fp8` marker cannot be loaded; use the "
+                              "bf16/fp16 file or ComfyUI's *_fp8_scaled.safetensors (--fp8_base/--fp8_scaled store "
+                              "it in fp8)")
+    shapes = {k: _shape(v) for k, v in without_scale_keys(shapes).items()}
     if dit_layout(shapes) == "diffusers":
         renamed = {}
         for key, shape in shapes.items():
@@ -190,9 +196,6 @@ def _reject_variants(keys: set[str], in_dim: int, dim: int, has_image: bool, whe
         raise CheckpointError(f"{where} is a Wan VACE DiT, which is not supported; {hint}")
     if any(k.startswith(("motion_encoder.", "face_adapter.")) for k in keys):
         raise CheckpointError(f"{where} is a Wan2.2 Animate DiT, which is not supported; {hint}")
-    if any(k.endswith(".scale_weight") for k in keys):
-        raise CheckpointError(f"{where} is a scaled-fp8 checkpoint; load the bf16/fp16 file instead "
-                              "(use --fp8_base/--fp8_scaled to store it in fp8)")
     if in_dim == 48:
         kind = "a Wan2.2 TI2V-5B DiT" if dim == 3072 else "a Wan2.1 Fun-Control (FC) DiT"
         raise CheckpointError(f"{where} is {kind}, which is not supported; {hint}")
@@ -310,6 +313,8 @@ def load_wan_dit(path: str | os.PathLike, *, task: str | None = None, device: st
     if state is None:
         state = load_state_dict(path, device="cpu", flag=flag)
     state = strip_prefix(state)
+    if is_comfy_scaled_fp8(state):  # e.g. wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors
+        state = dequantize_comfy_scaled_fp8(state, dtype, f"{flag} {path}")
     if dit_layout(state) == "original":
         state = wan_dit_to_diffusers(state)
     model = build_empty_wan_dit(config)
