@@ -308,3 +308,12 @@ def test_comfyui_fp8_scaled_expert_loads_as_its_dequantized_weights(tmp_path, pr
             assert (value - original[key]).abs().max() <= original[key].abs().max() / 8  # fp8 rounding only
         else:
             assert torch.equal(value, original[key]), key
+
+
+def test_a14b_generation_defaults_are_the_reference_configs():
+    from musubi_tuner.architectures.wan.task_defaults import task_generation_defaults
+
+    t2v, i2v = task_generation_defaults("t2v-A14B"), task_generation_defaults("i2v-A14B", 832, 480)
+    assert (t2v.infer_steps, t2v.flow_shift, t2v.guidance_scale, t2v.frames) == (40, 12.0, 3.0, 81)
+    assert (i2v.infer_steps, i2v.flow_shift, i2v.guidance_scale) == (40, 5.0, 3.5)  # no Wan2.1 480p shift rule
+    assert wan22_experts.A14B_EXPERTS["t2v-A14B"].guidance_high_noise == 4.0

@@ -97,6 +97,12 @@ def validate_expert_arguments(args: argparse.Namespace, purpose: str) -> None:
     if high and getattr(args, "blocks_to_swap", None):
         raise UserError("--blocks_to_swap with two experts (--dit_high_noise) is not supported by this version; use "
                         "--offload_inactive_dit (with --fp8/--fp8_base) instead, or train/generate one expert")
+    if (purpose == "train" and args.task in A14B_EXPERTS and not high and args.min_timestep is None
+            and args.max_timestep is None):
+        bound = round(1000 * boundary)
+        logger.info("training one %s expert over every timestep; the reference trains the high-noise expert with "
+                    "--min_timestep %d --max_timestep 1000 and the low-noise one with --min_timestep 0 --max_timestep "
+                    "%d (plus --preserve_distribution_shape)", args.task, bound, bound)
     if args.force_v2_1_time_embedding:
         logger.info("--force_v2_1_time_embedding: the time embedding is always computed once per sample here")
     if purpose == "generate":
