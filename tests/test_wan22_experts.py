@@ -317,3 +317,15 @@ def test_a14b_generation_defaults_are_the_reference_configs():
     assert (t2v.infer_steps, t2v.flow_shift, t2v.guidance_scale, t2v.frames) == (40, 12.0, 3.0, 81)
     assert (i2v.infer_steps, i2v.flow_shift, i2v.guidance_scale) == (40, 5.0, 3.5)  # no Wan2.1 480p shift rule
     assert wan22_experts.A14B_EXPERTS["t2v-A14B"].guidance_high_noise == 4.0
+
+
+def test_a_wrong_high_noise_file_is_named_by_its_flag(tmp_path):
+    from musubi_tuner.errors import CheckpointError
+
+    low = tmp_path / "low.safetensors"
+    wrong = tmp_path / "wan2.1_i2v.safetensors"
+    save_wan_dit_original(make_tiny_dit("t2v-A14B"), low)
+    save_wan_dit_original(make_tiny_dit("i2v-14B"), wrong)
+    args = _args(low, wrong)
+    with pytest.raises(CheckpointError, match=rf"--dit_high_noise {wrong} is a I2V DiT.*--task t2v-A14B needs"):
+        _paired(args)
