@@ -329,3 +329,26 @@ def test_a_wrong_high_noise_file_is_named_by_its_flag(tmp_path):
     args = _args(low, wrong)
     with pytest.raises(CheckpointError, match=rf"--dit_high_noise {wrong} is a I2V DiT.*--task t2v-A14B needs"):
         _paired(args)
+
+
+def test_moving_an_expert_leaves_the_tensors_a_pending_backward_holds():
+    model = torch.nn.Linear(2, 2)
+    held = model.weight
+    before = held.detach().clone()
+    wan22_experts.move_tensors(model, torch.device("meta"))
+    assert model.weight.is_meta and model.weight is not held
+    assert held.device.type == "cpu" and torch.equal(held.detach(), before)  # not changed in place, as Module.to would
+
+
+def test_a_mixed_batch_trains_the_one_lora_through_both_experts(tmp_path):
+    from musubi_tuner.training.network_setup import build_network
+    from test_wan_lora_interop import _train_args
+
+    low_path, high_path = _expert_files(tmp_path)
+    dit = _paired(_args(low_path, high_path, offload_inactive_dit=True))
+    network = build_network(WAN, dit, _train_args(tmp_path, "t2v-A14B"))
+    ups = [p for n, p in network.named_parameters() if "lora_up" in n]
+    x = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    batch = {"t5": _text(1, 5)["t5"] + _text(2, 4)["t5"]}
+    WAN.predict(dit, batch, x, torch.tensor([950.0, 100.0])).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)

@@ -176,7 +176,7 @@ class ExpertPair:
         self.boundary, self.device, self.offload = boundary, torch.device(device), offload
         self.active_is_high = False
         """--dit (low noise) starts active."""
-        self.inactive.to("cpu" if offload else self.device)
+        move_tensors(self.inactive, torch.device("cpu") if offload else self.device)
 
     def activate(self, dit: nn.Module, high: bool) -> None:
         if high == self.active_is_high:
@@ -189,8 +189,8 @@ class ExpertPair:
             active_module._parameters, inactive_module._parameters = inactive_module._parameters, active_module._parameters
             active_module._buffers, inactive_module._buffers = inactive_module._buffers, active_module._buffers
         if self.offload:
-            self.inactive.to("cpu")
-            dit.to(self.device)
+            move_tensors(self.inactive, torch.device("cpu"))
+            move_tensors(dit, self.device)
         self.active_is_high = high
 
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -207,6 +207,18 @@ class ExpertPair:
             self.activate(dit, side)
             out[rows] = predict_one(dit, batch_rows(batch, rows.tolist()), noisy[rows], timesteps[rows])
         return out
+
+
+def move_tensors(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer to `device` as NEW tensors. `Module.to` would change the existing parameters
+    in place, and a graph still waiting for its backward (a batch that ran both experts) holds those."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.device != device:
+                module._parameters[name] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
 
 
 def batch_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
