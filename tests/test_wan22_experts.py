@@ -352,3 +352,17 @@ def test_a_mixed_batch_trains_the_one_lora_through_both_experts(tmp_path):
     batch = {"t5": _text(1, 5)["t5"] + _text(2, 4)["t5"]}
     WAN.predict(dit, batch, x, torch.tensor([950.0, 100.0])).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)
+
+
+def test_a_plain_fp8_e4m3fn_expert_loads_upcast(tmp_path):
+    """fp8_e4m3fn files without scales (e.g. wan2.2_t2v_low_noise_14B_fp8_e4m3fn.safetensors) load as their fp8
+    values in the compute dtype."""
+    from musubi_tuner.architectures.wan.dit_files import load_wan_dit
+
+    path = tmp_path / "wan2.2_t2v_low_noise_14B_fp8_e4m3fn.safetensors"
+    source = make_tiny_dit("t2v-A14B")
+    save_wan_dit_original(source, path, dtype=torch.float8_e4m3fn)
+    loaded = load_wan_dit(path, task="t2v-A14B", dtype=torch.bfloat16)
+    q = loaded.blocks[0].attn1.to_q.weight
+    assert q.dtype == torch.bfloat16
+    assert torch.equal(q, source.blocks[0].attn1.to_q.weight.to(torch.float8_e4m3fn).to(torch.bfloat16))
