@@ -163,12 +163,18 @@ def test_fp8_base_training_step(tmp_path, mixed_precision, fresh_accelerate_stat
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_i2v_caching_without_clip_is_refused_before_anything_loads(tmp_path, capsys):
-    from musubi_tuner import wan_cache_latents
-    from wan_fixtures import run
+def test_i2v_caches_without_clip_train_wan22_i2v_only():
+    """`--i2v` without `--clip` (as the reference allows) writes the image latents only: enough for Wan2.2 I2V-A14B,
+    whose DiT has no CLIP branch; Wan2.1 I2V training refuses them naming the flag to add."""
+    from musubi_tuner.errors import UserError
 
-    toml = tmp_path / "never_read.toml"  # the flags are checked before the config and the VAE are touched
-    argv = ["--dataset_config", str(toml), "--vae", str(tmp_path / "never_loaded.safetensors"), "--i2v"]
-    assert run(wan_cache_latents.main, argv) == 2
-    err = capsys.readouterr().err
-    assert "--i2v needs --clip" in err and "never" not in err
+    arch = get_architecture("wan")
+    assert arch.latent_cache_contents(argparse.Namespace(i2v=True, clip=None)) == {"latents", "latents_image"}
+    assert arch.latent_cache_contents(argparse.Namespace(i2v=True, clip="c.pth")) == {"latents", "latents_image", "clip"}
+    keys = {"a_0032x0032_wan.safetensors": {"latents", "latents_image"}}
+    arch.check_training_caches(keys, argparse.Namespace(task="i2v-A14B"))
+    with pytest.raises(UserError, match=r"a_0032x0032_wan.safetensors has no clip: --task i2v-14B .*--i2v --clip"):
+        arch.check_training_caches(keys, argparse.Namespace(task="i2v-14B"))
+    with pytest.raises(UserError, match=r"has no latents_image: --task i2v-A14B needs I2V caches. Re-run "
+                                        r"wan_cache_latents.py --i2v \("):
+        arch.check_training_caches({"a_0032x0032_wan.safetensors": {"latents"}}, argparse.Namespace(task="i2v-A14B"))

@@ -102,7 +102,8 @@ def test_every_tiny_linear_has_an_original_name_in_the_file_layout():
 def test_task_and_config_inferred_from_real_size_weights(task, prefix):
     shapes = {prefix + k: v for k, v in real_original_shapes(task).items()}
     detected, config = infer_wan_config(shapes)
-    assert detected == ("t2v-14B" if task == "t2i-14B" else task)  # T2I-14B uses the T2V-14B weights
+    # T2I-14B and each Wan2.2 T2V-A14B expert have the T2V-14B shapes
+    assert detected == ("t2v-14B" if task in ("t2i-14B", "t2v-A14B") else task)
     assert config == get_wan_task(task).diffusers_config()
     check_task_matches(task, detected, config, "f.safetensors")  # accepted
 
@@ -149,7 +150,6 @@ def _patched(task, **shapes):
 
 
 @pytest.mark.parametrize("shapes, needle", [
-    (lambda: _patched("t2v-14B", **{"patch_embedding.weight": (5120, 36, 1, 2, 2)}), "Wan2.2 I2V-A14B"),
     (lambda: _patched("t2v-1.3B", **{"patch_embedding.weight": (3072, 48, 1, 2, 2)}), "Wan2.2 TI2V-5B"),
     (lambda: _patched("i2v-14B", **{"patch_embedding.weight": (5120, 48, 1, 2, 2)}), "Fun-Control"),
     (lambda: _patched("t2v-1.3B", **{"vace_blocks.0.after_proj.weight": (1536, 1536)}), "VACE"),
@@ -161,11 +161,11 @@ def test_out_of_scope_wan_variants_are_named(shapes, needle):
 
 
 def test_unsupported_and_unknown_task_values():
-    with pytest.raises(UserError, match=r"t2v-A14B \(Wan2.2\) is not supported.*t2v-1.3B, t2v-14B"):
-        get_wan_task("t2v-A14B")
+    with pytest.raises(UserError, match=r"ti2v-5B \(Wan2.2 TI2V-5B\) is not supported.*t2v-1.3B, t2v-14B"):
+        get_wan_task("ti2v-5B")
     with pytest.raises(UserError, match="i2v-14B-FC.*Fun-Control"):
         get_wan_task("i2v-14B-FC")
-    choices = "t2v-1.3B, t2v-14B, i2v-14B, t2i-14B, flf2v-14B"
+    choices = "t2v-1.3B, t2v-14B, i2v-14B, t2i-14B, flf2v-14B, t2v-A14B, i2v-A14B"
     with pytest.raises(UserError, match=rf"unknown --task 'x2v'; choose one of: {choices}"):
         get_wan_task("x2v")
 
@@ -288,3 +288,18 @@ def test_tiny_dit_matches_the_tiny_encoders():
     assert TINY_CLIP_DIM == TINY_CLIP["hidden_size"] == tiny_dit_config("i2v-14B")["image_dim"]
     assert TINY_CLIP_TOKENS == (TINY_CLIP["image_size"] // TINY_CLIP["patch_size"]) ** 2 + 1
     assert tiny_dit_config("flf2v-14B")["pos_embed_seq_len"] == 2 * TINY_CLIP_TOKENS
+
+
+def test_wan22_i2v_expert_without_clip_branch_is_i2v_a14b():
+    """An I2V DiT with 36 input channels and no img_emb / k_img (each Wan2.2 I2V-A14B expert) is its own task."""
+    shapes = real_original_shapes("i2v-A14B")
+    assert not any(k.startswith("img_emb.") or ".k_img." in k for k in shapes)
+    assert shapes["patch_embedding.weight"][1] == 36
+    detected, config = infer_wan_config({"model.diffusion_model." + k: v for k, v in shapes.items()})
+    assert detected == "i2v-A14B" and config["image_dim"] is None and config["added_kv_proj_dim"] is None
+    check_task_matches("i2v-A14B", detected, config, "wan2.2_i2v_high_noise_14B_fp16.safetensors")
+    with pytest.raises(CheckpointError, match=r"--task i2v-14B needs a 14B I2V DiT.*pass --task i2v-A14B"):
+        check_task_matches("i2v-14B", detected, config, "wan2.2_i2v_high_noise_14B_fp16.safetensors")
+    wan21_detected, wan21_config = infer_wan_config(real_original_shapes("i2v-14B"))
+    with pytest.raises(CheckpointError, match=r"is a i2v-14B DiT, but --task i2v-A14B needs a 14B I2V \(no CLIP"):
+        check_task_matches("i2v-A14B", wan21_detected, wan21_config, "wan2.1_i2v_480p_14B_bf16.safetensors")

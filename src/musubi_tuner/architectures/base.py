@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -114,6 +114,13 @@ class Architecture:
         """The diffusers transformer, frozen, in eval mode, weights in `dtype` (fp8 handled by caller)."""
         raise self._missing("load_dit")
 
+    def attach_expert_dits(self, dit: nn.Module, load: Callable[[argparse.Namespace], nn.Module],
+                           args: argparse.Namespace, device: torch.device) -> None:
+        """Families with several DiT experts (Wan2.2 A14B: `--dit_high_noise`) load the others with
+        `load(flags naming that expert's file)` (the same preparation as `dit`: LoRA merge, fp8 ...) and attach them
+        to `dit`, so that `predict` picks the expert per timestep. Called before LoRA/compile wrap `dit`. Default:
+        one DiT, nothing to attach."""
+
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         """Every Linear the reference's LoRA may target, named by its ORIGINAL module path."""
         raise self._missing("lora_candidates")
@@ -135,6 +142,16 @@ class Architecture:
         """Constant batch entries for every training step, from the training flags (HunyuanVideo: the embedded
         guidance `--guidance_scale`). Default: none."""
         return {}
+
+    def sample_noisy_input(self, args: argparse.Namespace, latents: torch.Tensor, noise: torch.Tensor,
+                           generator: torch.Generator, image_seq_len: int | None,
+                           uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training draw: (noisy latents, model timesteps (B,), noise coefficients (B,)). Default: the
+        `--timestep_sampling` flags as they are (`training.timesteps.sample_noisy_input`); Wan2.2 keeps every sample
+        of a step on one expert's side of the boundary."""
+        from musubi_tuner.training.timesteps import sample_noisy_input
+
+        return sample_noisy_input(args, latents, noise, generator, image_seq_len, uniform)
 
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Velocity prediction for `noisy_latents` (same shape), conditioned on the batch."""
@@ -169,6 +186,11 @@ class Architecture:
         """Raise UserError for the first size problem, naming what set the field (names: field -> flag/option)."""
         for field, reason in self.request_size_problems(width, height, frames).items():
             raise UserError(f"{names.get(field, field)}: {reason}")
+
+    def guidance_schedule(self, args: argparse.Namespace | None, guidance_scale: float) -> Callable[[float], float] | None:
+        """The CFG scale per timestep (0..1000 scale) when it changes during sampling (Wan2.2: one scale per
+        expert); None (the default): `guidance_scale` at every step."""
+        return None
 
     def generation_conditioning(self, encoders: Any, request: Any, latent_shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
         """Extra batch entries for image/control conditioning (I2V image latents, Kontext control)."""

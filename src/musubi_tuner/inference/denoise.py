@@ -42,7 +42,7 @@ def denoise(
     num_steps: int,
     cond: dict[str, Any],
     uncond: dict[str, Any] | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Callable[[float], float] = 1.0,
     generator: torch.Generator | None = None,
     progress: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
@@ -53,13 +53,14 @@ def denoise(
     """Run the sampler from noise `latents` (B, ...) and return the final latents (float32).
 
     The positive and negative passes are two `predict` calls (so batch-size-1 memory is enough);
-    with `uncond` None or `guidance_scale` 1.0 only the positive pass runs.
+    with `uncond` None or `guidance_scale` 1.0 only the positive pass runs. A callable `guidance_scale` gives the scale
+    per timestep (Wan2.2: one per expert); CFG then runs whenever `uncond` is given.
     `callback(step_index, latents)` is called after every step (e.g. latent previews).
     start_step: skip the first steps of the schedule (video to video starts from noised source latents).
     guidance: CFG skipping and skip-layer guidance per step (`inference.guidance`; None: CFG on every step), over
     the steps that run; skip_layers: the DiT's block-skipping context, needed by skip-layer guidance.
     """
-    if uncond is None or guidance_scale == 1.0:
+    if uncond is None or (not callable(guidance_scale) and guidance_scale == 1.0):
         uncond = None  # no negative pass
     timesteps = scheduler.set_timesteps(num_steps, device=latents.device)
     if start_step:
@@ -72,8 +73,9 @@ def denoise(
     for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
         t_batch = t.to(device=latents.device, dtype=torch.float32).expand(batch)
         with torch.no_grad():
+            scale = guidance_scale(float(t)) if callable(guidance_scale) else guidance_scale
             velocity = step_velocity(lambda c: predict(latents, t_batch, c).to(torch.float32), cond, uncond,
-                                     guidance_scale, plan, i, skip_layers)
+                                     scale, plan, i, skip_layers)
         latents = scheduler.step(velocity, t, latents, generator=generator)
         if callback is not None:
             callback(i, latents)

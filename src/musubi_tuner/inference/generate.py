@@ -100,7 +100,8 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
     was_training = dit.training
     dit.eval()
     try:
-        return denoise(predict, latents, scheduler, spec.steps, cond, uncond, spec.guidance_scale,
+        guidance_scale = arch.guidance_schedule(args, spec.guidance_scale) or spec.guidance_scale
+        return denoise(predict, latents, scheduler, spec.steps, cond, uncond, guidance_scale,
                        progress=settings.progress, start_step=start_step,
                        guidance=arch.generation_guidance(args), skip_layers=arch.block_skipper(dit))
     finally:

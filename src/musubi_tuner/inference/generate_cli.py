@@ -94,29 +94,36 @@ class GenerationSession:
         self.latent_encoders = arch.load_latent_encoders(args, self.device)
         self.dit = None
 
-    def load_dit(self) -> torch.nn.Module:
+    def load_merged_dit(self, args: argparse.Namespace) -> torch.nn.Module:
+        """The DiT named by these flags with their LoRAs merged and fp8 storage applied (also each extra expert)."""
         from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # with --fp8 or block swap the full model never has to fit on the GPU: merge and convert on the CPU, then move
-        on_cpu = self.args.fp8 or self.args.blocks_to_swap
-        self.dit = self.arch.load_dit(self.args, torch.device("cpu") if on_cpu else self.device, dtype)
-        merge_loras_into_dit(self.arch, self.dit, self.args.lora_weight, self.args.lora_multiplier,
-                             self.args.include_patterns, self.args.exclude_patterns)
-        if self.args.fp8:  # after the LoRA merge, as the reference does
+        on_cpu = args.fp8 or args.blocks_to_swap
+        dit = self.arch.load_dit(args, torch.device("cpu") if on_cpu else self.device, dtype)
+        merge_loras_into_dit(self.arch, dit, args.lora_weight, args.lora_multiplier,
+                             args.include_patterns, args.exclude_patterns)
+        if args.fp8:  # after the LoRA merge, as the reference does
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
-            if self.args.fp8_fast:
-                from musubi_tuner.memory.fp8_fast import enable_fp8_fast
+            store_dit_in_fp8(dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+        return dit
 
-                enable_fp8_fast(self.dit, self.device)
+    def load_dit(self) -> torch.nn.Module:
+        on_cpu = self.args.fp8 or self.args.blocks_to_swap
+        self.dit = self.load_merged_dit(self.args)
+        if self.args.fp8 and self.args.fp8_fast:
+            from musubi_tuner.memory.fp8_fast import enable_fp8_fast
+
+            enable_fp8_fast(self.dit, self.device)
         if self.args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
             enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args))
         elif on_cpu:
             self.dit.to(self.device)
+        self.arch.attach_expert_dits(self.dit, self.load_merged_dit, self.args, self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit_from_flags
 
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")

@@ -317,6 +317,12 @@ def sample_noisy_input(
     """One training draw from the flags: (noisy input, model timesteps (B,), noise coefficients (B,)),
     timesteps and coefficients on the latents' device."""
     sample = sample_timesteps(TimestepConfig.from_args(args), latents.shape[0], gen, image_seq_len, uniform)
+    return noisy_input_from_sample(latents, noise, sample)
+
+
+def noisy_input_from_sample(latents: torch.Tensor, noise: torch.Tensor,
+                            sample: TimestepSample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy input, model timesteps, noise coefficients) for a drawn sample, on the latents' device."""
     sigmas = sample.sigmas.to(latents.device)
     return noisy_model_input(latents, noise, sigmas), sample.timesteps.to(latents.device), sigmas
 

@@ -171,27 +171,34 @@ class NetworkTrainer:
                                 text_cache_command=self.arch.script_name("cache_text_encoder_outputs"))
         self.validation = ValidationLoss(batches, seed)
 
-    def _load_dit(self) -> None:
-        args = self.args
+    def _load_dit_weights(self, args: argparse.Namespace) -> torch.nn.Module:
+        """The DiT named by these flags with --base_weights merged and fp8 storage applied (also each extra expert)."""
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision or "no", torch.float32)
         # with fp8 or block swap the full model never has to fit on the GPU: load (and convert) on the CPU, then move
         load_device = torch.device("cpu") if args.fp8_base or args.blocks_to_swap else self.device
-        self.dit = self.arch.load_dit(args, load_device, dtype)
+        dit = self.arch.load_dit(args, load_device, dtype)
         if args.base_weights:
             from musubi_tuner.inference.lora_merge import merge_loras_into_dit
 
-            merge_loras_into_dit(self.arch, self.dit, args.base_weights, args.base_weights_multiplier or [],
+            merge_loras_into_dit(self.arch, dit, args.base_weights, args.base_weights_multiplier or [],
                                  flag="--base_weights")
         if args.fp8_base:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+            store_dit_in_fp8(dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+        return dit
+
+    def _load_dit(self) -> None:
+        args = self.args
+        load_device = torch.device("cpu") if args.fp8_base or args.blocks_to_swap else self.device
+        self.dit = self._load_dit_weights(args)
         if args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
             enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args))
         elif load_device != self.device:
             self.dit.to(self.device)
+        self.arch.attach_expert_dits(self.dit, self._load_dit_weights, args, self.device)
         if args.gradient_checkpointing:
             from musubi_tuner.memory.activation_offload import checkpoint_with_cpu_offload
 
@@ -381,13 +388,13 @@ class NetworkTrainer:
     def _loss(self, batch: dict[str, Any], uniform: torch.Tensor | None = None) -> torch.Tensor:
         from musubi_tuner.dataset.masks import MASK_CONTENT
         from musubi_tuner.training.loss import per_sample_loss
-        from musubi_tuner.training.timesteps import compute_loss_weighting, sample_noisy_input
+        from musubi_tuner.training.timesteps import compute_loss_weighting
 
         latents = self.arch.latents_from_cache(batch["latents"].to(self.device, torch.float32))
         noise = torch.randn(latents.shape, generator=self.noise_generator).to(self.device)
         seq_len = self.arch.timestep_shift_sequence_length(tuple(latents.shape[1:]))
-        noisy, timesteps, _ = sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
-                                                      uniform)
+        noisy, timesteps, _ = self.arch.sample_noisy_input(self.args, latents, noise, self.noise_generator, seq_len,
+                                                           uniform)
         batch = {**batch, **self.arch.training_conditioning(self.args)}
         with self._predict_context():
             pred = self.arch.predict(self.dit, batch, noisy, timesteps)

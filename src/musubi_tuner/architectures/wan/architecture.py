@@ -1,11 +1,11 @@
-"""WanArchitecture: the Wan2.1 contract implementation (see architectures/base.py)."""
+"""WanArchitecture: the Wan2.1 / Wan2.2 A14B contract implementation (see architectures/base.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from musubi_tuner.architectures.common import (  # noqa: F401 (re-exported for o
 )
 from musubi_tuner.architectures.wan.task_defaults import BASE as WAN_GENERATION_DEFAULTS
 from musubi_tuner.architectures.wan.task_defaults import task_generation_defaults
+from musubi_tuner.architectures.wan import wan22_experts
 from musubi_tuner.dataset.items import ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 TEXT_LENGTH = 512
 """Wan pads every prompt to 512 tokens; diffusers' I2V attention relies on it (image tokens come after)."""
 
-TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
-I2V_TASKS = ("i2v-14B", "flf2v-14B")
+TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B", "t2v-A14B", "i2v-A14B")
+I2V_TASKS = ("i2v-14B", "flf2v-14B", "i2v-A14B")
+CLIP_TASKS = ("i2v-14B", "flf2v-14B")
+"""I2V tasks whose DiT takes a CLIP image context (Wan2.2 I2V-A14B has none)."""
 SIZE_FLAGS = {"height": "--video_size", "width": "--video_size", "frames": "--video_length"}
 
 @dataclass
@@ -75,7 +78,7 @@ class WanArchitecture(Architecture):
         from musubi_tuner.utils.flag_types import non_negative_int, positive_float, positive_int
 
         if purpose in ("train", "generate"):
-            parser.add_argument("--task", default="t2v-14B", choices=TASKS, help="Wan2.1 task (model variant)")
+            parser.add_argument("--task", default="t2v-14B", choices=TASKS, help="Wan2.1 / Wan2.2 task (model variant)")
         if purpose in ("cache_latents", "train", "generate"):
             parser.add_argument("--vae_cache_cpu", action="store_true",
                                 help="accepted for compatibility; diffusers' Wan VAE keeps its causal cache on the compute device")
@@ -103,6 +106,7 @@ class WanArchitecture(Architecture):
                                 help="folder with the umT5 tokenizer (google/umt5-xxl: tokenizer.json or spiece.model); "
                                      "default: the HF cache, offline")
             parser.add_argument("--text_encoder_dtype", default=None, help="umT5 compute dtype (default bfloat16)")
+        wan22_experts.add_expert_arguments(parser, purpose)
 
     def validate_arguments(self, args: argparse.Namespace, purpose: str) -> None:
         if purpose == "cache_latents":
@@ -110,14 +114,15 @@ class WanArchitecture(Architecture):
                 raise UserError("--one_frame caching is not supported by this version; drop the flag")
             if args.clip is not None:
                 args.i2v = True
-            elif args.i2v:  # Wan2.1 I2V training reads the CLIP context from the caches: fail now, not at training
-                raise UserError("--i2v needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (Wan2.1 "
-                                "I2V caches hold the CLIP image context); add --clip, or drop --i2v for T2V caches")
+            elif args.i2v:  # as the reference: Wan2.2 I2V-A14B caches hold no CLIP context
+                logger.info("--i2v without --clip: these caches train Wan2.2 --task i2v-A14B only (Wan2.1 I2V "
+                            "training needs the CLIP context: add --clip models_clip_...pth for it)")
         if purpose == "generate":
             self._validate_generation_size(args)
             self._validate_generation_modes(args)
-        if purpose in ("train", "generate") and args.task in I2V_TASKS and not args.clip:
+        if purpose in ("train", "generate") and args.task in CLIP_TASKS and not args.clip:
             logger.info("--task %s without --clip: the CLIP context must come from the latent caches", args.task)
+        wan22_experts.validate_expert_arguments(args, purpose)
 
     def _validate_generation_size(self, args: argparse.Namespace) -> None:
         height, width = args.video_size or (16, 16)  # a side left to the defaults is always valid
@@ -207,8 +212,10 @@ class WanArchitecture(Architecture):
 
     def latent_cache_contents(self, args: argparse.Namespace) -> set[str]:
         contents = {"latents"}
-        if getattr(args, "i2v", False):  # validate_arguments: --i2v comes with --clip
-            contents |= {"latents_image", "clip"}
+        if getattr(args, "i2v", False):
+            contents.add("latents_image")
+        if getattr(args, "clip", None):
+            contents.add("clip")
         return contents
 
     def encode_latents(self, encoders: WanLatentEncoders, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
@@ -261,9 +268,14 @@ class WanArchitecture(Architecture):
 
         if not args.dit:
             raise UserError("no DiT given: pass --dit wan2.1_t2v_1.3B_bf16.safetensors (or the file for your --task)")
-        dit = load_wan_dit(args.dit, task=args.task, device=device, dtype=dtype)
+        flag = "--dit_high_noise" if getattr(args, "dit_high_noise", None) == args.dit else "--dit"
+        dit = load_wan_dit(args.dit, task=args.task, device=device, dtype=dtype, flag=flag)
         dit.requires_grad_(False)
         return dit.eval()
+
+    def attach_expert_dits(self, dit: nn.Module, load: Callable[[argparse.Namespace], nn.Module],
+                           args: argparse.Namespace, device: torch.device) -> None:
+        wan22_experts.attach_high_noise_expert(dit, load, args, device)
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.wan.dit_names import original_module_name
@@ -292,14 +304,36 @@ class WanArchitecture(Architecture):
                             "not write; train --task i2v-14B (start-frame conditioning) or a T2V task")
         if args.task not in I2V_TASKS:
             return  # I2V caches also train T2V models: predict() ignores their image conditioning
+        needed = ("latents_image", "clip") if args.task in CLIP_TASKS else ("latents_image",)
+        rerun = ("--i2v --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth" if args.task in CLIP_TASKS
+                 else "--i2v")
         for path, keys in latent_keys.items():
-            missing = [k for k in ("latents_image", "clip") if k not in keys]
+            missing = [k for k in needed if k not in keys]
             if missing:
                 raise UserError(f"{path} has no {' / '.join(missing)}: --task {args.task} needs I2V caches. Re-run "
-                                "wan_cache_latents.py --i2v --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth "
-                                "(without --skip_existing)")
+                                f"wan_cache_latents.py {rerun} (without --skip_existing)")
+
+    def sample_noisy_input(self, args: argparse.Namespace, latents: torch.Tensor, noise: torch.Tensor,
+                           generator: torch.Generator, image_seq_len: int | None,
+                           uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not getattr(args, "dit_high_noise", None):  # one DiT: the flags' range as it is
+            return super().sample_noisy_input(args, latents, noise, generator, image_seq_len, uniform)
+        from musubi_tuner.training.timesteps import TimestepConfig, noisy_input_from_sample, sample_timesteps
+
+        config = TimestepConfig.from_args(args)
+        sample = wan22_experts.draw_same_expert_timesteps(
+            lambda n, u: sample_timesteps(config, n, generator, image_seq_len, u), latents.shape[0],
+            wan22_experts.timestep_boundary(args), uniform)
+        return noisy_input_from_sample(latents, noise, sample)
 
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        pair = wan22_experts.expert_pair(dit)
+        if pair is not None:  # Wan2.2 with --dit_high_noise: each sample through its expert
+            return pair.predict(dit, batch, noisy_latents, timesteps, self._predict_one)
+        return self._predict_one(dit, batch, noisy_latents, timesteps)
+
+    def _predict_one(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
         dtype = dit_compute_dtype(dit)
         device = noisy_latents.device
         context = pad_text_embeddings([t.to(device) for t in batch["t5"]]).to(dtype)
@@ -310,7 +344,8 @@ class WanArchitecture(Architecture):
                 raise UserError("this DiT is an I2V/FLF2V model but the batch has no image conditioning; use I2V "
                                 "caches (wan_cache_latents.py --i2v --clip ...) or a start image (--image_path)")
             hidden = torch.cat([hidden, batch["latents_image"].to(device, hidden.dtype)], dim=1)
-        clip = batch.get("clip") if image_model else None  # T2V models ignore I2V caches' image conditioning
+        # T2V models ignore I2V caches' image conditioning; Wan2.2 I2V has no CLIP branch (config image_dim None)
+        clip = batch.get("clip") if image_model and dit.config.image_dim else None
         if clip is not None:
             clip = clip.to(device, dtype)
             if getattr(dit.config, "pos_embed_seq_len", None):
@@ -365,7 +400,7 @@ class WanArchitecture(Architecture):
             return {}
         if args.task not in I2V_TASKS:
             raise UserError(f"--image_path/--end_image_path need an I2V/FLF2V --task, not {args.task}")
-        if encoders.clip is None:
+        if encoders.clip is None and args.task in CLIP_TASKS:
             raise UserError(f"--task {args.task} needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
         from musubi_tuner.inference.images import load_image_resized
 
@@ -377,5 +412,10 @@ class WanArchitecture(Architecture):
         first_v = pixels_to_model_range(first[None, None], vae.device, vae.dtype)
         last_v = pixels_to_model_range(last[None, None], vae.device, vae.dtype) if last is not None else None
         y = self.image_condition_latents(vae, first_v, last_v, frames)
+        if args.task not in CLIP_TASKS:  # Wan2.2 I2V: the image reaches the DiT through its latents only
+            return {"latents_image": y}
         images = [first[None]] + ([last[None]] if last is not None else [])
         return {"latents_image": y, "clip": self._clip_context(encoders.clip, images)}
+
+    def guidance_schedule(self, args: argparse.Namespace | None, guidance_scale: float) -> Callable[[float], float] | None:
+        return wan22_experts.guidance_schedule(args, guidance_scale)

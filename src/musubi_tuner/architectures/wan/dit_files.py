@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from musubi_tuner.architectures.wan.dit_names import diffusers_module_name, original_module_name
+from musubi_tuner.models.comfy_scaled_fp8 import dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, without_scale_keys
 from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.meta_loading import assign_weights
 from musubi_tuner.errors import CheckpointError, UserError
@@ -53,7 +54,8 @@ class WanTask:
     ffn_dim: int
     num_heads: int
     mode: str
-    """Which weights: `t2v` (16 input channels), `i2v` (36 + CLIP image branch), `flf2v` (i2v + `emb_pos`)."""
+    """Which weights: `t2v` (16 input channels), `i2v` (36 + CLIP image branch), `flf2v` (i2v + `emb_pos`),
+    `i2v_noclip` (36 channels, no image branch: each Wan2.2 I2V-A14B expert)."""
     example_file: str
 
     @property
@@ -63,7 +65,7 @@ class WanTask:
     @property
     def has_image_branch(self) -> bool:
         """CLIP image context: `img_emb` plus `k_img`/`v_img` in every cross-attention."""
-        return self.mode != "t2v"
+        return self.mode in IMAGE_BRANCH_MODES
 
     @property
     def size(self) -> str:
@@ -84,15 +86,20 @@ WAN_TASKS: dict[str, WanTask] = {
         WanTask("i2v-14B", **_14B, mode="i2v", example_file="wan2.1_i2v_480p_14B_bf16.safetensors"),
         WanTask("t2i-14B", **_14B, mode="t2v", example_file="wan2.1_t2v_14B_bf16.safetensors"),
         WanTask("flf2v-14B", **_14B, mode="flf2v", example_file="wan2.1_flf2v_720p_14B_fp16.safetensors"),
+        # Wan2.2 A14B: two experts per task, each shaped as the Wan2.1 14B DiT; I2V has no CLIP image branch
+        WanTask("t2v-A14B", **_14B, mode="t2v", example_file="wan2.2_t2v_low_noise_14B_fp16.safetensors"),
+        WanTask("i2v-A14B", **_14B, mode="i2v_noclip", example_file="wan2.2_i2v_low_noise_14B_fp16.safetensors"),
     )
 }
 UNSUPPORTED_TASKS = {
     "t2v-1.3B-FC": "Wan2.1 Fun-Control", "t2v-14B-FC": "Wan2.1 Fun-Control", "i2v-14B-FC": "Wan2.1 Fun-Control",
-    "t2v-A14B": "Wan2.2", "i2v-A14B": "Wan2.2", "ti2v-5B": "Wan2.2",
+    "ti2v-5B": "Wan2.2 TI2V-5B",
 }
 CLIP_IMAGE_DIM = 1280
 CLIP_IMAGE_TOKENS = 257
 _PUBLISHED_WIDTHS = {1536, 5120}
+IMAGE_BRANCH_MODES = ("i2v", "flf2v")
+MODE_LABELS = {"t2v": "T2V", "i2v": "I2V", "flf2v": "FLF2V", "i2v_noclip": "I2V (no CLIP branch, Wan2.2)"}
 
 
 def get_wan_task(name: str) -> WanTask:
@@ -111,7 +118,7 @@ def _diffusers_config(*, dim: int, num_heads: int, num_layers: int, ffn_dim: int
                       image_dim: int = CLIP_IMAGE_DIM, image_tokens: int = CLIP_IMAGE_TOKENS,
                       patch_size: tuple[int, ...] = (1, 2, 2), qk_norm: bool = True,
                       cross_attn_norm: bool = True) -> dict[str, Any]:
-    image = mode != "t2v"
+    image = mode in IMAGE_BRANCH_MODES
     return {
         "patch_size": list(patch_size),
         "num_attention_heads": num_heads,
@@ -167,7 +174,12 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def _to_original_shapes(shapes: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    shapes = {k: _shape(v) for k, v in strip_prefix(shapes).items()}
+    shapes = strip_prefix(shapes)
+    if not is_comfy_scaled_fp8(shapes) and any(k.endswith(".scale_weight") for k in shapes):
+        raise CheckpointError("a scaled-fp8 checkpoint without ComfyUI's `scaled_fp8` marker cannot be loaded; use the "
+                              "bf16/fp16 file or ComfyUI's *_fp8_scaled.safetensors (--fp8_base/--fp8_scaled store "
+                              "it in fp8)")
+    shapes = {k: _shape(v) for k, v in without_scale_keys(shapes).items()}
     if dit_layout(shapes) == "diffusers":
         renamed = {}
         for key, shape in shapes.items():
@@ -186,15 +198,9 @@ def _reject_variants(keys: set[str], in_dim: int, dim: int, has_image: bool, whe
         raise CheckpointError(f"{where} is a Wan VACE DiT, which is not supported; {hint}")
     if any(k.startswith(("motion_encoder.", "face_adapter.")) for k in keys):
         raise CheckpointError(f"{where} is a Wan2.2 Animate DiT, which is not supported; {hint}")
-    if any(k.endswith(".scale_weight") for k in keys):
-        raise CheckpointError(f"{where} is a scaled-fp8 checkpoint; load the bf16/fp16 file instead "
-                              "(use --fp8_base/--fp8_scaled to store it in fp8)")
     if in_dim == 48:
         kind = "a Wan2.2 TI2V-5B DiT" if dim == 3072 else "a Wan2.1 Fun-Control (FC) DiT"
         raise CheckpointError(f"{where} is {kind}, which is not supported; {hint}")
-    if in_dim == 36 and not has_image:
-        raise CheckpointError(f"{where} is an I2V DiT without a CLIP image branch (a Wan2.2 I2V-A14B expert), "
-                              f"which is not supported; {hint}")
     if in_dim not in (16, 36):
         raise CheckpointError(f"{where} has {in_dim} input channels; Wan2.1 DiTs have 16 (T2V) or 36 (I2V); {hint}")
 
@@ -231,7 +237,7 @@ def infer_wan_config(shapes: Mapping[str, Any], *, num_heads: int | None = None,
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     has_image = "img_emb.proj.1.weight" in keys
     _reject_variants(keys, in_dim, dim, has_image, source)
-    mode = "flf2v" if "img_emb.emb_pos" in keys else "i2v" if has_image else "t2v"
+    mode = "flf2v" if "img_emb.emb_pos" in keys else "i2v" if has_image else "i2v_noclip" if in_dim == 36 else "t2v"
     num_layers = 1 + max(int(m[1]) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k)))
     ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
     published = next((t for t in WAN_TASKS.values()
@@ -253,7 +259,7 @@ def _describe_detected(detected: str, config: dict[str, Any]) -> str:
     if detected in WAN_TASKS:
         return f"{detected} DiT"
     width = config["num_attention_heads"] * config["attention_head_dim"]
-    return f"{detected.upper()} DiT {width} wide with {config['num_layers']} layers"
+    return f"{MODE_LABELS.get(detected, detected.upper())} DiT {width} wide with {config['num_layers']} layers"
 
 
 def check_task_matches(task: str, detected: str, config: dict[str, Any], source: str, flag: str = "--dit") -> None:
@@ -271,7 +277,7 @@ def check_task_matches(task: str, detected: str, config: dict[str, Any], source:
     fix = f"pass --task {detected}" if detected in WAN_TASKS else "pass the --task that matches the file"
     raise CheckpointError(
         f"{flag} {source} is a {_describe_detected(detected, config)}, but --task {task} needs a "
-        f"{wanted.size} {wanted.mode.upper()} DiT such as {wanted.example_file}; {fix}, "
+        f"{wanted.size} {MODE_LABELS[wanted.mode]} DiT such as {wanted.example_file}; {fix}, "
         f"or the {flag} file for --task {task}")
 
 
@@ -314,6 +320,8 @@ def load_wan_dit(path: str | os.PathLike, *, task: str | None = None, device: st
     if state is None:
         state = load_state_dict(path, device="cpu", flag=flag)
     state = strip_prefix(state)
+    if is_comfy_scaled_fp8(state):  # e.g. wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors
+        state = dequantize_comfy_scaled_fp8(state, dtype, f"{flag} {path}")
     if dit_layout(state) == "original":
         state = wan_dit_to_diffusers(state)
     model = build_empty_wan_dit(config)

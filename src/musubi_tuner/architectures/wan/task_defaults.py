@@ -4,7 +4,10 @@
 - T2V/T2I: 50 steps, flow shift 5.0; T2I makes one frame, the others 81;
 - I2V: 40 steps, flow shift 3.0 at 480p (832x480 either way round), else 5.0;
 - FLF2V (a copy of the I2V config): 40 steps, flow shift 5.0 at every size (the 480p rule tests for "i2v" in
-  the task name, which "flf2v" does not contain), and "镜头切换，" ("shot change,") before the negative prompt.
+  the task name, which "flf2v" does not contain), and "镜头切换，" ("shot change,") before the negative prompt;
+- Wan2.2 A14B (its configs' `sample_steps`/`sample_shift`/`sample_guide_scale[0]`): 40 steps; T2V flow shift 12.0 and
+  CFG 3.0, I2V flow shift 5.0 (no 480p rule: that rule is Wan2.1's) and CFG 3.5. These are the low-noise expert's
+  scales; the high-noise expert's and the switch point are in `wan22_experts.A14B_EXPERTS`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ TASK_DEFAULTS: dict[str, GenerationDefaults] = {
     "t2i-14B": replace(BASE, frames=1),
     "i2v-14B": replace(BASE, infer_steps=40),
     "flf2v-14B": replace(BASE, infer_steps=40, negative_prompt=FLF2V_NEGATIVE_PREFIX + NEGATIVE_PROMPT),
+    "t2v-A14B": replace(BASE, infer_steps=40, flow_shift=12.0, guidance_scale=3.0),
+    "i2v-A14B": replace(BASE, infer_steps=40, flow_shift=5.0, guidance_scale=3.5),
 }
 I2V_480P_FLOW_SHIFT = 3.0
 SIZES_480P = {(832, 480), (480, 832)}
