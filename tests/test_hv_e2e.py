@@ -183,12 +183,12 @@ def test_skyreels_i2v_generation_needs_its_start_image(ws, tmp_path):
 
 
 def test_memory_switches_train_and_generate(ws, tmp_path):
-    """The shared memory layer on HunyuanVideo's double and single blocks: block swap gives the plain numbers
-    exactly (training with checkpointing, and generation); --fp8_base/--fp8_scaled and --fp8 run end to end."""
+    """The shared memory layer on HunyuanVideo's double and single blocks: block swap (with img_in/txt_in offloaded)
+    gives the plain numbers exactly (training with checkpointing, and generation); --fp8_base/--fp8_scaled and --fp8 run end to end."""
     plain, swapped = tmp_path / "plain", tmp_path / "swapped"
     assert run(hv_train_network.main, ws.train_args(plain, 2, "--gradient_checkpointing")) == 0
     assert run(hv_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing",
-                                                    "--blocks_to_swap", "2")) == 0
+                                                    "--blocks_to_swap", "2", "--img_in_txt_in_offloading")) == 0
     a, b = load_file(str(plain / "lora.safetensors")), load_file(str(swapped / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fp8 = tmp_path / "fp8"
@@ -196,7 +196,8 @@ def test_memory_switches_train_and_generate(ws, tmp_path):
     assert all(torch.isfinite(v).all() for v in load_file(str(fp8 / "lora.safetensors")).values())
     common = ["--prompt", "a blue square moving", "--seed", "5", "--output_type", "latent"]
     assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_plain", *common)) == 0
-    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_swap", *common, "--blocks_to_swap", "2")) == 0
+    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_swap", *common, "--blocks_to_swap", "2",
+                                                             "--img_in_txt_in_offloading")) == 0
     assert torch.equal(_latent(tmp_path / "g_swap"), _latent(tmp_path / "g_plain"))
     assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_fp8", *common, "--fp8")) == 0
     assert torch.isfinite(_latent(tmp_path / "g_fp8")).all()

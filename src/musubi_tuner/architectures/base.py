@@ -114,6 +114,11 @@ class Architecture:
         """The diffusers transformer, frozen, in eval mode, weights in `dtype` (fp8 handled by caller)."""
         raise self._missing("load_dit")
 
+    def offloaded_input_modules(self, dit: nn.Module) -> list[nn.Module]:
+        """`--img_in_txt_in_offloading`: the DiT's input embedders kept in CPU memory and moved to the device only
+        for their own forward (HunyuanVideo: `img_in` and `txt_in`). Default: none (the flag has no effect)."""
+        return []
+
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         """Every Linear the reference's LoRA may target, named by its ORIGINAL module path."""
         raise self._missing("lora_candidates")

@@ -117,6 +117,10 @@ class GenerationSession:
             enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args))
         elif on_cpu:
             self.dit.to(self.device)
+        if getattr(self.args, "img_in_txt_in_offloading", False):  # after placement: back to CPU memory
+            from musubi_tuner.memory.module_offload import offload_input_modules
+
+            offload_input_modules(self.arch, self.dit, self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit_from_flags
 
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")

@@ -192,6 +192,10 @@ class NetworkTrainer:
             enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args))
         elif load_device != self.device:
             self.dit.to(self.device)
+        if args.img_in_txt_in_offloading:  # after placement: these modules go back to CPU memory
+            from musubi_tuner.memory.module_offload import offload_input_modules
+
+            offload_input_modules(self.arch, self.dit, self.device)
         if args.gradient_checkpointing:
             from musubi_tuner.memory.activation_offload import checkpoint_with_cpu_offload
 

@@ -111,6 +111,8 @@ class HunyuanVideoArchitecture(Architecture):
                                      "1.0 ignores the source)")
             parser.add_argument("--image_path", default=None,
                                 help="SkyReels V1 I2V: the start image (needs a 32-channel DiT, --dit_in_channels 32)")
+            parser.add_argument("--img_in_txt_in_offloading", action="store_true",
+                                help="keep img_in/txt_in in CPU memory, on the GPU only while they run")
             parser.add_argument("--exclude_single_blocks", action="store_true",
                                 help="do not apply the LoRA modules of the single-stream blocks")
 
@@ -213,6 +215,10 @@ class HunyuanVideoArchitecture(Architecture):
                             "(or hunyuan_video_t2v_720p_bf16.safetensors)")
         dtype = str_to_dtype(getattr(args, "dit_dtype", None), dtype, "--dit_dtype")
         return load_hv_dit(args.dit, device=device, dtype=dtype, in_channels=getattr(args, "dit_in_channels", None))
+
+    def offloaded_input_modules(self, dit: nn.Module) -> list[nn.Module]:
+        # the reference's img_in (patch embedder) and txt_in (token refiner with its own embedders)
+        return [dit.x_embedder, dit.context_embedder]
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.hunyuan_video.dit_files import original_linear_parts
