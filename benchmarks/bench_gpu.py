@@ -175,7 +175,7 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
         dit = _random_dit(workload, "cpu", dtype)
     dit.requires_grad_(False)
     if variant.fp8:
-        store_dit_in_fp8(dit, arch.fp8_targets, scaled=variant.fp8_scaled)
+        store_dit_in_fp8(dit, arch, scaled=variant.fp8_scaled)
     if variant.fp8_fast:
         from musubi_tuner.memory.fp8_fast import enable_fp8_fast
 

@@ -4,6 +4,7 @@ one block ahead (forward, checkpointed backward, generation), and nothing else c
 import pytest
 import torch
 
+from musubi_tuner.architectures import get_architecture
 from musubi_tuner.architectures.wan.tiny import make_tiny_dit, tiny_dit_config
 from musubi_tuner.errors import UserError
 from musubi_tuner.memory.block_swap import (
@@ -129,7 +130,7 @@ def test_ring_buffer_views_hold_a_mixed_dtype_block_without_overlap():
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
     model = make_tiny_dit()
-    store_dit_in_fp8(model, ["blocks"], scaled=True)
+    store_dit_in_fp8(model, get_architecture("wan"), scaled=True)
     scheduler = enable_block_swap(model, 1, torch.device("cpu"))
     slot = scheduler.slots[0]
     assert {m.dtype for m in slot.masters} >= {torch.float8_e4m3fn, torch.float32}

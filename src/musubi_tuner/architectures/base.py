@@ -62,6 +62,10 @@ class Architecture:
     """Regexes (fullmatch on the original module path) always excluded, as the reference does."""
     lora_default_excludes_if_unset: ClassVar[tuple[str, ...]] = ()
     """Regexes excluded only when the user gives no `exclude_patterns` (FLUX's modulation layers)."""
+    fp8_scaled_keys: ClassVar[tuple[tuple[str, ...], tuple[str, ...]]] = ((), ())
+    """The reference's `--fp8_scaled` rule: (targets, excludes), substrings of ORIGINAL weight keys; a Linear is
+    quantized when its key contains a target and no exclude (`memory.fp8.reference_fp8_layers`). Plain
+    `--fp8_base` needs no rule: the reference casts every weight."""
 
     def script_name(self, stage: str) -> str:
         """The reference's script file for a stage (`cache_latents`, `cache_text_encoder_outputs`,

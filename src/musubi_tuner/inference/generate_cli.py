@@ -58,7 +58,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flow-matching shift (0: resolution-dependent, as FLUX)")
     parser.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "vanilla"],
                         help="sampler (default: the model's, as the reference: unipc for Wan, vanilla (Euler) for FLUX)")
-    parser.add_argument("--fp8", action="store_true", help="store the DiT's block Linear weights in float8_e4m3fn")
+    parser.add_argument("--fp8", action="store_true", help="store the DiT's Linear weights in float8_e4m3fn")
     parser.add_argument("--fp8_scaled", action="store_true")
     parser.add_argument("--fp8_fast", action="store_true",
                         help="fp8 matmuls (torch._scaled_mm) on GPUs with compute capability 8.9+; needs --fp8")
@@ -106,7 +106,7 @@ class GenerationSession:
         if self.args.fp8:  # after the LoRA merge, as the reference does
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=self.args.fp8_scaled)
+            store_dit_in_fp8(self.dit, self.arch, scaled=self.args.fp8_scaled)
             if self.args.fp8_fast:
                 from musubi_tuner.memory.fp8_fast import enable_fp8_fast
 

@@ -185,7 +185,7 @@ class NetworkTrainer:
         if args.fp8_base:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            store_dit_in_fp8(self.dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+            store_dit_in_fp8(self.dit, self.arch, scaled=args.fp8_scaled)
         if args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +57,10 @@ class HunyuanVideoArchitecture(Architecture):
     network_module = "networks.lora"
     modelspec_architecture = "hunyuan-video"
     lora_default_excludes = (r".*(img_mod|txt_mod|modulation).*",)
-    fp8_targets: ClassVar[tuple[str, ...]] = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
+    # the reference's HYVideoDiffusionTransformer.fp8_optimization keys: `double_blocks.N.img_mod.linear` matches no
+    # exclude and is quantized; the single blocks' `modulation.linear` stays in bf16
+    fp8_scaled_keys = (("single_blocks", "double_blocks"),
+                       ("norm", "time_in", "vector_in", "guidance_in", "txt_in", "img_in", "modulation", "bias", "head"))
     # hv_generate_video.py defaults (checked against its parser): --video_size 256 256, --video_length 129,
     # --fps 24, --infer_steps 50, --guidance_scale 1.0, --embedded_cfg_scale 6.0, --flow_shift 7.0, and the
     # Euler flow-matching sampler (FlowMatchDiscreteScheduler, solver "euler")
