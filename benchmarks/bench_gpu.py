@@ -137,7 +137,9 @@ def _flux(smoke: bool) -> Workload:
     from musubi_tuner.architectures.flux_kontext.packing import prepare_image_ids, prepare_text_ids
     from musubi_tuner.architectures.flux_kontext.tiny import TINY_DIT_CONFIG
 
-    config = dict(TINY_DIT_CONFIG) if smoke else dict(guidance_embeds=True)  # the class defaults are FLUX.1's
+    # the class defaults are FLUX.1's; the smoke model gets 4 single blocks so that --blocks_to_swap 1 (the
+    # reference's split: 0 double + 3 single) leaves one on the device
+    config = dict(TINY_DIT_CONFIG, num_single_layers=4) if smoke else dict(guidance_embeds=True)
     side, text = (2, 5) if smoke else (64, 512)  # packed 2x2 patches of a 1024x1024 image's 128x128 latent
 
     def inputs(device, dtype):
@@ -163,7 +165,8 @@ def _hunyuan(smoke: bool) -> Workload:
 
     from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_config
 
-    config = tiny_hv_config() if smoke else {}  # the class defaults are HunyuanVideo's 13B
+    # the class defaults are HunyuanVideo's 13B; 4 single blocks in the smoke model, as for FLUX
+    config = dict(tiny_hv_config(), num_single_layers=4) if smoke else {}
     frames, height, width, text = (2, 8, 8, 6) if smoke else (9, 68, 120, 256)  # 544x960x33
 
     def inputs(device, dtype):
@@ -191,7 +194,7 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
 
     from musubi_tuner.architectures import get_architecture
     from musubi_tuner.memory.attention import apply_attention_backend
-    from musubi_tuner.memory.block_swap import BlockSwapOptions, SyncEngine, enable_block_swap, repeated_blocks
+    from musubi_tuner.memory.block_swap import BlockSwapOptions, SyncEngine, enable_block_swap
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
     arch = get_architecture(workload.arch)
@@ -215,10 +218,9 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
 
         enable_fp8_fast(dit, torch.device(device))
     if variant.swap:
-        count = min(blocks_to_swap, len(repeated_blocks(dit)) - 1)
         engine = None if variant.overlapped else SyncEngine(torch.device(device))
-        enable_block_swap(dit, count, torch.device(device), BlockSwapOptions(reuse_buffers=variant.h2d_only),
-                          engine=engine)
+        enable_block_swap(dit, blocks_to_swap, torch.device(device), BlockSwapOptions(reuse_buffers=variant.h2d_only),
+                          engine=engine, blocks=arch.swapped_blocks(dit, blocks_to_swap))
     elif build_device != device:
         dit.to(device)
     if variant.offload_inputs:
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["train", "generate"], default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 3; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--blocks_to_swap", type=int, default=10)
+    parser.add_argument("--blocks_to_swap", type=int, default=None,
+                        help="N, with the reference's meaning per family (default 10; --smoke: 1)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     parser.add_argument("--variants", nargs="*", default=None, help="run only variants whose name contains one of these")
     parser.add_argument("--quick", action="store_true",
@@ -355,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 1 if args.quick else 3
+    if args.blocks_to_swap is None:
+        args.blocks_to_swap = 1 if args.smoke else 10
     if args.time_budget_s is None and args.quick:
         args.time_budget_s = QUICK_TIME_BUDGET_S
     offline_environment()

@@ -186,8 +186,10 @@ def test_memory_switches_train_and_generate(ws, tmp_path):
     """The shared memory layer on HunyuanVideo's double and single blocks: block swap (with img_in/txt_in offloaded)
     gives the plain numbers exactly (training with checkpointing, and generation); --fp8_base/--fp8_scaled and --fp8 run end to end."""
     plain, swapped = tmp_path / "plain", tmp_path / "swapped"
-    assert run(hv_train_network.main, ws.train_args(plain, 2, "--gradient_checkpointing")) == 0
-    assert run(hv_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing",
+    # 4 single blocks: --blocks_to_swap 2 is the reference's 1 double + 3 single (the last ones)
+    dit = ["--dit", str(write_tiny_hv_dit(tmp_path / "dit4", "official_pt", single_layers=4))]
+    assert run(hv_train_network.main, ws.train_args(plain, 2, "--gradient_checkpointing", *dit)) == 0
+    assert run(hv_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing", *dit,
                                                     "--blocks_to_swap", "2", "--img_in_txt_in_offloading")) == 0
     a, b = load_file(str(plain / "lora.safetensors")), load_file(str(swapped / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -195,8 +197,8 @@ def test_memory_switches_train_and_generate(ws, tmp_path):
     assert run(hv_train_network.main, ws.train_args(fp8, 2, "--fp8_base", "--fp8_scaled")) == 0
     assert all(torch.isfinite(v).all() for v in load_file(str(fp8 / "lora.safetensors")).values())
     common = ["--prompt", "a blue square moving", "--seed", "5", "--output_type", "latent"]
-    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_plain", *common)) == 0
-    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_swap", *common, "--blocks_to_swap", "2",
+    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_plain", *common, *dit)) == 0
+    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_swap", *common, *dit, "--blocks_to_swap", "2",
                                                              "--img_in_txt_in_offloading")) == 0
     assert torch.equal(_latent(tmp_path / "g_swap"), _latent(tmp_path / "g_plain"))
     assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_fp8", *common, "--fp8")) == 0

@@ -118,6 +118,14 @@ class Architecture:
         """The diffusers transformer, frozen, in eval mode, weights in `dtype` (fp8 handled by caller)."""
         raise self._missing("load_dit")
 
+    def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
+        """`--blocks_to_swap N`: the DiT blocks kept in CPU memory, in execution order, with the reference's meaning
+        of N. Default: the last N of the class's repeated blocks (Wan); double + single stream families override
+        with `memory.block_swap.double_single_split`. Raise UserError when N is out of range."""
+        from musubi_tuner.memory.block_swap import last_blocks, repeated_blocks
+
+        return last_blocks(repeated_blocks(dit), count)
+
     def offloaded_input_modules(self, dit: nn.Module) -> list[nn.Module]:
         """`--img_in_txt_in_offloading`: the DiT's input embedders kept in CPU memory and moved to the device only
         for their own forward (HunyuanVideo: `img_in` and `txt_in`). Default: none (the flag has no effect)."""

@@ -114,7 +114,8 @@ class GenerationSession:
         if self.args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args))
+            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args),
+                              blocks=self.arch.swapped_blocks(self.dit, self.args.blocks_to_swap))
         elif on_cpu:
             self.dit.to(self.device)
         if getattr(self.args, "img_in_txt_in_offloading", False):  # after placement: back to CPU memory

@@ -189,7 +189,8 @@ class NetworkTrainer:
         if args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args))
+            enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args),
+                              blocks=self.arch.swapped_blocks(self.dit, args.blocks_to_swap))
         elif load_device != self.device:
             self.dit.to(self.device)
         if args.img_in_txt_in_offloading:  # after placement: these modules go back to CPU memory

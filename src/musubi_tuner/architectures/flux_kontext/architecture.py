@@ -176,6 +176,11 @@ class FluxKontextArchitecture(Architecture):
             raise UserError("no DiT given: pass --dit flux1-kontext-dev.safetensors")
         return load_flux_dit(args.dit, device=device, dtype=dtype)
 
+    def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
+        from musubi_tuner.memory.block_swap import double_single_split
+
+        return double_single_split(list(dit.transformer_blocks), list(dit.single_transformer_blocks), count)
+
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.flux_kontext.dit_files import original_linear_parts
 

@@ -223,6 +223,11 @@ class HunyuanVideoArchitecture(Architecture):
         # the reference's img_in (patch embedder) and txt_in (token refiner with its own embedders)
         return [dit.x_embedder, dit.context_embedder]
 
+    def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
+        from musubi_tuner.memory.block_swap import double_single_split
+
+        return double_single_split(list(dit.transformer_blocks), list(dit.single_transformer_blocks), count)
+
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.hunyuan_video.dit_files import original_linear_parts
 
