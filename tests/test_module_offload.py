@@ -7,8 +7,8 @@ import torch
 
 from musubi_tuner.architectures import get_architecture
 from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_dit
-from musubi_tuner.memory.block_swap import SyncEngine
 from musubi_tuner.memory.module_offload import offload_input_modules, offload_modules
+from test_block_swap import RecordingEngine
 
 HV = get_architecture("hunyuan_video")
 
@@ -23,24 +23,12 @@ def _inputs():
                 return_dict=False)
 
 
-class FakeDeviceEngine(SyncEngine):
+class FakeDeviceEngine(RecordingEngine):
     """Stands for a GPU: each "device copy" is a fresh clone, so its storage differs from the CPU master's."""
 
-    def __init__(self):
-        super().__init__(torch.device("cpu"))
-        self.log = []
-
     def start(self, slot):
+        super().start(slot)
         self.copies[slot.index] = [m.clone() for m in slot.masters]
-        self.log.append(f"start{slot.index}")
-
-    def ready(self, slot):
-        self.log.append(f"ready{slot.index}")
-        return super().ready(slot)
-
-    def finish(self, slot):
-        super().finish(slot)
-        self.log.append(f"finish{slot.index}")
 
 
 def test_hunyuan_video_names_img_in_and_txt_in_and_other_families_none():
