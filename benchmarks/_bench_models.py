@@ -32,7 +32,7 @@ def hv_config(double_blocks: int, single_blocks: int) -> dict[str, Any]:
 @dataclass(frozen=True)
 class BenchDiT:
     arch: str
-    """Registry name: where `fp8_targets` and the LoRA targets come from."""
+    """Registry name: where the fp8 rule and the LoRA targets come from."""
     title: str
     file_name: str
     original_shapes: Callable[[], dict[str, tuple[int, ...]]]

@@ -99,14 +99,20 @@ def machine_description() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A Markdown table (so the output can be pasted into docs/benchmarks.md)."""
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (so the output can be pasted into docs/benchmarks.md), without a final newline."""
     cells = [[str(c) for c in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
     for n, row in enumerate(cells):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
         if n == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    print(markdown_table(headers, rows))
     sys.stdout.flush()
 
 

@@ -13,14 +13,26 @@ checkpoint recompute is not model work), a generation step 1 (one DiT call, no C
 
 Without a GPU it says so and exits 0. `--smoke` runs the same code on the CPU with tiny models (for the tests).
 
+`--quick` is the prepared command for a session with a lent GPU (about 7 minutes on an H200, estimated from the
+models' FLOPs; never run yet): every switch once per family, each on top of --gradient_checkpointing for training
+(the real shapes need it: without it the activations of Wan 1.3B at 480x832x81 alone are ~60 GB, HunyuanVideo's
+~140 GB), 1 warm-up + 1 timed step, and a time budget after which the remaining rows say "not run (time budget)"
+instead of running over. `--markdown FILE` also writes the tables, with the date, GPU and command, to FILE (atomic),
+ready to paste into docs/benchmarks.md:
+
+    python benchmarks/bench_gpu.py --quick --markdown docs/bench_gpu_results.md
+
 Usage: python benchmarks/bench_gpu.py [--arch wan flux_kontext hunyuan_video] [--steps 3 --warmup 1]
-       [--blocks_to_swap 10] [--only train|generate] [--peak_tflops 989]
+       [--blocks_to_swap 10] [--only train|generate] [--peak_tflops 989] [--quick] [--time_budget_s S]
+       [--markdown FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
+import shlex
 import statistics
 import sys
 import time
@@ -28,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_util import machine_description, offline_environment, print_table  # noqa: E402
+from _bench_util import machine_description, markdown_table, offline_environment  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s (vendor datasheets, without sparsity)
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 181, "RTX 4090": 165,
@@ -46,6 +58,8 @@ class Variant:
     swap: bool = False
     overlapped: bool = True
     h2d_only: bool = False
+    offload_inputs: bool = False
+    """--img_in_txt_in_offloading (families with input modules to offload; the others skip the row)."""
     attention: str = "sdpa"
 
 
@@ -56,8 +70,19 @@ TRAIN_VARIANTS = [
     Variant("gc + blocks_to_swap (compute stream)", checkpointing=True, swap=True, overlapped=False),
     Variant("gc + blocks_to_swap (overlapped)", checkpointing=True, swap=True),
     Variant("gc + blocks_to_swap + h2d_only", checkpointing=True, swap=True, h2d_only=True),
+    Variant("gc + blocks_to_swap + img_in_txt_in_offloading", checkpointing=True, swap=True, offload_inputs=True),
     Variant("gc + flash_attn", checkpointing=True, attention="flash_attn"),
     Variant("gc + xformers", checkpointing=True, attention="xformers"),
+]
+QUICK_TRAIN_VARIANTS = [
+    Variant("gradient_checkpointing", checkpointing=True),
+    Variant("gc + fp8_base", checkpointing=True, fp8=True),
+    Variant("gc + fp8_base + fp8_scaled", checkpointing=True, fp8=True, fp8_scaled=True),
+    Variant("gc + cpu_offload", checkpointing=True, cpu_offload=True),
+    Variant("gc + blocks_to_swap (compute stream)", checkpointing=True, swap=True, overlapped=False),
+    Variant("gc + blocks_to_swap (overlapped)", checkpointing=True, swap=True),
+    Variant("gc + blocks_to_swap + img_in_txt_in_offloading", checkpointing=True, swap=True, offload_inputs=True),
+    Variant("gc + flash_attn", checkpointing=True, attention="flash_attn"),
 ]
 GENERATE_VARIANTS = [
     Variant("bf16"), Variant("fp8", fp8=True), Variant("fp8 + fp8_scaled", fp8=True, fp8_scaled=True),
@@ -66,6 +91,13 @@ GENERATE_VARIANTS = [
     Variant("blocks_to_swap (overlapped)", swap=True),
     Variant("flash", attention="flash"), Variant("sageattn", attention="sageattn"),
 ]
+QUICK_GENERATE_VARIANTS = [
+    Variant("bf16"), Variant("fp8 + fp8_fast", fp8=True, fp8_fast=True),
+    Variant("blocks_to_swap (compute stream)", swap=True, overlapped=False),
+    Variant("blocks_to_swap (overlapped)", swap=True),
+]
+QUICK_TIME_BUDGET_S = 420.0
+"""--quick stops starting variants after this many seconds, so the whole command ends within ~8 minutes."""
 
 
 @dataclass
@@ -105,7 +137,9 @@ def _flux(smoke: bool) -> Workload:
     from musubi_tuner.architectures.flux_kontext.packing import prepare_image_ids, prepare_text_ids
     from musubi_tuner.architectures.flux_kontext.tiny import TINY_DIT_CONFIG
 
-    config = dict(TINY_DIT_CONFIG) if smoke else dict(guidance_embeds=True)  # the class defaults are FLUX.1's
+    # the class defaults are FLUX.1's; the smoke model gets 4 single blocks so that --blocks_to_swap 1 (the
+    # reference's split: 0 double + 3 single) leaves one on the device
+    config = dict(TINY_DIT_CONFIG, num_single_layers=4) if smoke else dict(guidance_embeds=True)
     side, text = (2, 5) if smoke else (64, 512)  # packed 2x2 patches of a 1024x1024 image's 128x128 latent
 
     def inputs(device, dtype):
@@ -131,7 +165,8 @@ def _hunyuan(smoke: bool) -> Workload:
 
     from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_config
 
-    config = tiny_hv_config() if smoke else {}  # the class defaults are HunyuanVideo's 13B
+    # the class defaults are HunyuanVideo's 13B; 4 single blocks in the smoke model, as for FLUX
+    config = dict(tiny_hv_config(), num_single_layers=4) if smoke else {}
     frames, height, width, text = (2, 8, 8, 6) if smoke else (9, 68, 120, 256)  # 544x960x33
 
     def inputs(device, dtype):
@@ -159,10 +194,12 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
 
     from musubi_tuner.architectures import get_architecture
     from musubi_tuner.memory.attention import apply_attention_backend
-    from musubi_tuner.memory.block_swap import BlockSwapOptions, SyncEngine, enable_block_swap, repeated_blocks
+    from musubi_tuner.memory.block_swap import BlockSwapOptions, SyncEngine, enable_block_swap
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
     arch = get_architecture(workload.arch)
+    if variant.offload_inputs and not arch.offloaded_input_modules(_meta_dit(workload)):
+        raise ValueError(f"{workload.arch} has no img_in/txt_in to offload")
     try:  # random init is far faster on the GPU; fp8/swap variants fall back to the CPU when bf16 does not fit
         build_device = device
         dit = _random_dit(workload, device, dtype)
@@ -175,18 +212,21 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
         dit = _random_dit(workload, "cpu", dtype)
     dit.requires_grad_(False)
     if variant.fp8:
-        store_dit_in_fp8(dit, arch.fp8_targets, scaled=variant.fp8_scaled)
+        store_dit_in_fp8(dit, arch, scaled=variant.fp8_scaled)
     if variant.fp8_fast:
         from musubi_tuner.memory.fp8_fast import enable_fp8_fast
 
         enable_fp8_fast(dit, torch.device(device))
     if variant.swap:
-        count = min(blocks_to_swap, len(repeated_blocks(dit)) - 1)
         engine = None if variant.overlapped else SyncEngine(torch.device(device))
-        enable_block_swap(dit, count, torch.device(device), BlockSwapOptions(reuse_buffers=variant.h2d_only),
-                          engine=engine)
+        enable_block_swap(dit, blocks_to_swap, torch.device(device), BlockSwapOptions(reuse_buffers=variant.h2d_only),
+                          engine=engine, blocks=arch.swapped_blocks(dit, blocks_to_swap))
     elif build_device != device:
         dit.to(device)
+    if variant.offload_inputs:
+        from musubi_tuner.memory.module_offload import offload_input_modules
+
+        offload_input_modules(arch, dit, torch.device(device))
     if variant.checkpointing:
         from musubi_tuner.memory.activation_offload import checkpoint_with_cpu_offload
 
@@ -202,6 +242,13 @@ def build_model(workload: Workload, variant: Variant, device, dtype, blocks_to_s
         network.to(device)
         dit.train()
     return dit, network
+
+
+def _meta_dit(workload: Workload):
+    import torch
+
+    with torch.device("meta"):
+        return workload.build()
 
 
 def _random_dit(workload: Workload, device, dtype):
@@ -280,8 +327,7 @@ def count_forward_flops(workload: Workload, args) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        dit = workload.build()
+    dit = _meta_dit(workload)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         dit(**workload.inputs("meta", args.dtype))
@@ -296,13 +342,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--only", choices=["train", "generate"], default=None)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 3; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--blocks_to_swap", type=int, default=10)
+    parser.add_argument("--blocks_to_swap", type=int, default=None,
+                        help="N, with the reference's meaning per family (default 10; --smoke: 1)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     parser.add_argument("--variants", nargs="*", default=None, help="run only variants whose name contains one of these")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the prepared set: one row per switch, 1 timed step, a {QUICK_TIME_BUDGET_S:.0f} s budget")
+    parser.add_argument("--time_budget_s", type=float, default=None,
+                        help="start no variant after this many seconds (default: none; --quick: "
+                             f"{QUICK_TIME_BUDGET_S:.0f})")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this Markdown file")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, measures nothing")
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 1 if args.quick else 3
+    if args.blocks_to_swap is None:
+        args.blocks_to_swap = 1 if args.smoke else 10
+    if args.time_budget_s is None and args.quick:
+        args.time_budget_s = QUICK_TIME_BUDGET_S
     offline_environment()
     import torch
 
@@ -312,21 +371,54 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.device = "cpu" if args.smoke else "cuda"
     args.dtype = torch.float32 if args.smoke else torch.bfloat16
+    gpu = "CPU (smoke run: tiny models, nothing measured)" if args.smoke else torch.cuda.get_device_name(0)
     if args.peak_tflops is None and not args.smoke:
-        args.peak_tflops = peak_tflops_for(torch.cuda.get_device_name(0))
-    phases = [p for p in ("train", "generate") if args.only in (None, p)]
+        args.peak_tflops = peak_tflops_for(gpu)
+    report = [f"# bench_gpu {datetime.date.today().isoformat()}: {gpu}, torch {torch.__version__}",
+              f"command: `python benchmarks/bench_gpu.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
+              f"{args.warmup} warm-up + {args.steps} timed step(s) per variant (median); --blocks_to_swap "
+              f"{args.blocks_to_swap}; MFU against {args.peak_tflops or 'unknown'} TFLOP/s dense bf16"]
+    print("\n".join(report))
+    start = time.perf_counter()
     for name in args.arch:
         workload = WORKLOADS[name](args.smoke)
         workload.flops_per_forward = count_forward_flops(workload, args)
-        print(f"\n## {workload.label}: {workload.flops_per_forward / 1e12:.1f} TFLOP per forward\n", flush=True)
-        for phase in phases:
-            variants = TRAIN_VARIANTS if phase == "train" else GENERATE_VARIANTS
-            if args.variants:
-                variants = [v for v in variants if any(s in v.name for s in args.variants)]
-            rows = [run_variant(workload, v, args, training=phase == "train") for v in variants]
-            print(f"\n### {phase} (LoRA rank 32)\n" if phase == "train" else f"\n### {phase} (one DiT call per step)\n")
-            print_table(["variant", "s/step", "peak VRAM GiB", "MFU %", "note"], rows)
+        report.append(emit(f"\n## {workload.label}: {workload.flops_per_forward / 1e12:.1f} TFLOP per forward"))
+        for phase in ("train", "generate"):
+            if args.only not in (None, phase):
+                continue
+            rows = [run_within_budget(workload, v, args, phase == "train", start)
+                    for v in variants_for(phase, args)]
+            title = "train (LoRA rank 32)" if phase == "train" else "generate (one DiT call per step)"
+            report.append(emit(f"\n### {title}\n\n"
+                               + markdown_table(["variant", "s/step", "peak VRAM GiB", "MFU %", "note"], rows)))
+    if args.markdown:
+        from musubi_tuner.utils.atomic import write_text_atomic
+
+        write_text_atomic(args.markdown, "\n".join(report) + "\n")
+        print(f"\nwritten: {args.markdown}")
     return 0
+
+
+def emit(text: str) -> str:
+    print(text, flush=True)
+    return text
+
+
+def variants_for(phase: str, args) -> list[Variant]:
+    if phase == "train":
+        variants = QUICK_TRAIN_VARIANTS if args.quick else TRAIN_VARIANTS
+    else:
+        variants = QUICK_GENERATE_VARIANTS if args.quick else GENERATE_VARIANTS
+    if args.variants:
+        variants = [v for v in variants if any(s in v.name for s in args.variants)]
+    return variants
+
+
+def run_within_budget(workload: Workload, variant: Variant, args, training: bool, start: float) -> list[object]:
+    if args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s:
+        return [variant.name, "not run (time budget)", "", "", ""]
+    return run_variant(workload, variant, args, training)
 
 
 if __name__ == "__main__":

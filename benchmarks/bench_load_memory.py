@@ -11,8 +11,8 @@ The checkpoint (random bf16 weights) is written once under --work_dir and reused
 Python process, so its peak RSS (`ru_maxrss`) belongs to that load alone:
 
 - `bf16`: the family's DiT loader with dtype=bfloat16, what the trainer does with --mixed_precision bf16;
-- `fp8_base`: the same, then `memory.fp8.store_dit_in_fp8` with the architecture's `fp8_targets` (the block
-  Linears; the class's `_skip_layerwise_casting_patterns` stay as they are), which is what --fp8_base does.
+- `fp8_base`: the same, then `memory.fp8.store_dit_in_fp8` (every Linear weight in fp8, the reference's rule for
+  plain --fp8_base), which is what --fp8_base does.
 
 Usage: python benchmarks/bench_load_memory.py [--arch wan|hunyuan_video|framepack] [--hv_blocks D S] [--work_dir DIR]
        [--skip_write] [--device cpu|cuda] [--repeats N]
@@ -62,7 +62,7 @@ def measure_in_this_process(dit_spec: BenchDiT, path: Path, mode: str, device: s
     result["cast_s"] = 0.0
     if mode == "fp8_base":
         with stopwatch() as cast_s:
-            store_dit_in_fp8(dit, arch.fp8_targets, scaled=False)
+            store_dit_in_fp8(dit, arch, scaled=False)
         result["cast_s"] = cast_s[0]
     gc.collect()
     result["rss_loaded_mib"] = current_rss_mib()
@@ -114,7 +114,7 @@ def released_weights(dit_spec: BenchDiT, mode: str) -> dict:
 
     dit = dit_spec.released_meta_model()._apply(lambda t: t.to(torch.bfloat16))  # nn.Module's, not diffusers' .to
     if mode == "fp8_base":
-        store_dit_in_fp8(dit, get_architecture(dit_spec.arch).fp8_targets, scaled=False)
+        store_dit_in_fp8(dit, get_architecture(dit_spec.arch), scaled=False)
     return weight_figures(dit)
 
 

@@ -229,7 +229,7 @@ def attach_lora(arch_name: str, dit, args: argparse.Namespace):
 
     arch = get_architecture(arch_name)
     if args.fp8_base:
-        store_dit_in_fp8(dit, arch.fp8_targets, scaled=False)
+        store_dit_in_fp8(dit, arch, scaled=False)
     if args.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     network = lora.create_network(arch, dit, args.network_dim, args.network_dim)

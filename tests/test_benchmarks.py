@@ -53,17 +53,20 @@ def test_extrapolation_takes_exact_weights_and_scales_the_rest_by_weight_bytes()
     assert "cuda_peak_mib" not in est
 
 
-def test_released_hv_weights_are_counted_exactly_with_modulation_left_in_bf16():
+def test_released_hv_weights_are_counted_exactly_with_every_linear_in_fp8():
+    from torch import nn
+
     spec = bench_dit("hunyuan_video", (1, 1))
     bf16, fp8 = (bench_load_memory.released_weights(spec, mode) for mode in ("bf16", "fp8_base"))
     assert bf16["params_m"] * 1e6 == 12_821_012_544 and bf16["fp8_params_m"] == 0
     assert bf16["param_mib"] == 12_821_012_544 * 2 / 2**20
-    # fp8: the block Linears but modulation (diffusers' "norm" skip matches norm1.linear / norm.linear)
-    # weights only (biases stay bf16): per double-block stream qkv 3h^2, proj h^2, MLP 4h^2 + 4h^2; per single
-    # block linear1 (3h + 4h) x h, linear2 h x 5h
-    h = 3072
-    assert fp8["fp8_params_m"] * 1e6 == 20 * 2 * 12 * h * h + 40 * 12 * h * h
+    # fp8, the reference's rule: every Linear weight (it casts the whole DiT); biases, norms and the patch-embedding
+    # convolution stay bf16
+    linear_weights = sum(m.weight.numel() for m in spec.released_meta_model().modules() if type(m) is nn.Linear)
+    assert fp8["fp8_params_m"] * 1e6 == linear_weights
+    assert 12_81e7 < linear_weights < bf16["params_m"] * 1e6  # 12.81 B of 12.82 B
     assert fp8["param_mib"] == (bf16["params_m"] * 1e6 * 2 - fp8["fp8_params_m"] * 1e6) / 2**20
+    assert round(fp8["param_mib"] / 1024, 2) == 11.94  # the reference's ~11.9 GiB
 
 
 def test_hv_train_bench_runs_the_trainer_unless_bare_only():

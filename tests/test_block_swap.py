@@ -4,6 +4,7 @@ one block ahead (forward, checkpointed backward, generation), and nothing else c
 import pytest
 import torch
 
+from musubi_tuner.architectures import get_architecture
 from musubi_tuner.architectures.wan.tiny import make_tiny_dit, tiny_dit_config
 from musubi_tuner.errors import UserError
 from musubi_tuner.memory.block_swap import (
@@ -129,7 +130,7 @@ def test_ring_buffer_views_hold_a_mixed_dtype_block_without_overlap():
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
     model = make_tiny_dit()
-    store_dit_in_fp8(model, ["blocks"], scaled=True)
+    store_dit_in_fp8(model, get_architecture("wan"), scaled=True)
     scheduler = enable_block_swap(model, 1, torch.device("cpu"))
     slot = scheduler.slots[0]
     assert {m.dtype for m in slot.masters} >= {torch.float8_e4m3fn, torch.float32}
@@ -145,6 +146,45 @@ def test_ring_buffer_views_hold_a_mixed_dtype_block_without_overlap():
 def test_a_swap_count_out_of_range_names_the_flag():
     with pytest.raises(UserError, match="--blocks_to_swap 2: this model has 2 blocks"):
         enable_block_swap(make_tiny_dit(), 2, torch.device("cpu"))
+
+
+def test_two_stream_families_split_n_as_the_reference_and_wan_takes_the_last_n():
+    """The reference's meaning of N: HunyuanVideo / FLUX swap the last N // 2 double and (N - N // 2) * 2 + 1 single
+    blocks, keeping at least one of each on the device (for the released HunyuanVideo, 20 + 40 blocks, N <= 38; its
+    docs advise 36 for training); Wan the last N blocks."""
+    from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_dit
+    from musubi_tuner.memory.block_swap import double_single_split
+
+    double, single = [f"d{i}" for i in range(20)], [f"s{i}" for i in range(40)]
+    assert double_single_split(double, single, 5) == ["d18", "d19"] + [f"s{i}" for i in range(33, 40)]
+    assert len(double_single_split(double, single, 36)) == 18 + 37
+    assert len(double_single_split(double, single, 38)) == 19 + 39
+    with pytest.raises(UserError, match="--blocks_to_swap 39: swaps 19 double and 41 single.*use 1 to 38"):
+        double_single_split(double, single, 39)
+    hv = tiny_hv_dit(single_layers=4)
+    assert get_architecture("hunyuan_video").swapped_blocks(hv, 2) == \
+        [hv.transformer_blocks[1], *hv.single_transformer_blocks[1:]]
+    with pytest.raises(UserError, match="too small to swap any"):
+        get_architecture("hunyuan_video").swapped_blocks(tiny_hv_dit(), 1)  # 2 single blocks: no N fits
+    wan = _four_block_dit()
+    assert get_architecture("wan").swapped_blocks(wan, 3) == list(wan.blocks[1:])
+
+
+def test_swapping_the_reference_split_keeps_the_outputs_exact():
+    from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_dit
+
+    hv, reference, engine = get_architecture("hunyuan_video"), tiny_hv_dit(single_layers=4), RecordingEngine()
+    model = tiny_hv_dit(single_layers=4)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 4, 4, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                  encoder_attention_mask=torch.ones(1, 6, dtype=torch.int64),
+                  pooled_projections=torch.randn(1, 32, generator=g), guidance=torch.tensor([1000.0]),
+                  return_dict=False)
+    enable_block_swap(model, 2, torch.device("cpu"), engine=engine, blocks=hv.swapped_blocks(model, 2))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], reference(**inputs)[0])
+    assert [e for e in engine.log if e.startswith("ready")] == ["ready0", "ready1", "ready2", "ready3"]
 
 
 def test_the_trainer_returns_swapped_weights_after_every_step(monkeypatch, tmp_path):

@@ -52,17 +52,11 @@ class HvWorkspace:
                 "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "3", *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ws(_one_thread, tmp_path_factory) -> HvWorkspace:
+def ws(one_torch_thread, tmp_path_factory) -> HvWorkspace:
     root = tmp_path_factory.mktemp("hv")
     w = HvWorkspace(root=root, dit=write_tiny_hv_dit(root / "models", "official_pt"),
                     vae=write_tiny_hv_vae(root / "models" / "vae", "official_pt"),
@@ -183,20 +177,23 @@ def test_skyreels_i2v_generation_needs_its_start_image(ws, tmp_path):
 
 
 def test_memory_switches_train_and_generate(ws, tmp_path):
-    """The shared memory layer on HunyuanVideo's double and single blocks: block swap gives the plain numbers
-    exactly (training with checkpointing, and generation); --fp8_base/--fp8_scaled and --fp8 run end to end."""
+    """The shared memory layer on HunyuanVideo's double and single blocks: block swap (with img_in/txt_in offloaded)
+    gives the plain numbers exactly (training with checkpointing, and generation); --fp8_base/--fp8_scaled and --fp8 run end to end."""
     plain, swapped = tmp_path / "plain", tmp_path / "swapped"
-    assert run(hv_train_network.main, ws.train_args(plain, 2, "--gradient_checkpointing")) == 0
-    assert run(hv_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing",
-                                                    "--blocks_to_swap", "2")) == 0
+    # 4 single blocks: --blocks_to_swap 2 is the reference's 1 double + 3 single (the last ones)
+    dit = ["--dit", str(write_tiny_hv_dit(tmp_path / "dit4", "official_pt", single_layers=4))]
+    assert run(hv_train_network.main, ws.train_args(plain, 2, "--gradient_checkpointing", *dit)) == 0
+    assert run(hv_train_network.main, ws.train_args(swapped, 2, "--gradient_checkpointing", *dit,
+                                                    "--blocks_to_swap", "2", "--img_in_txt_in_offloading")) == 0
     a, b = load_file(str(plain / "lora.safetensors")), load_file(str(swapped / "lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fp8 = tmp_path / "fp8"
     assert run(hv_train_network.main, ws.train_args(fp8, 2, "--fp8_base", "--fp8_scaled")) == 0
     assert all(torch.isfinite(v).all() for v in load_file(str(fp8 / "lora.safetensors")).values())
     common = ["--prompt", "a blue square moving", "--seed", "5", "--output_type", "latent"]
-    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_plain", *common)) == 0
-    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_swap", *common, "--blocks_to_swap", "2")) == 0
+    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_plain", *common, *dit)) == 0
+    assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_swap", *common, *dit, "--blocks_to_swap", "2",
+                                                             "--img_in_txt_in_offloading")) == 0
     assert torch.equal(_latent(tmp_path / "g_swap"), _latent(tmp_path / "g_plain"))
     assert run(hv_generate_video.main, ws.generate_args(tmp_path / "g_fp8", *common, "--fp8")) == 0
     assert torch.isfinite(_latent(tmp_path / "g_fp8")).all()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from musubi_tuner.architectures import get_architecture
 from musubi_tuner.architectures.wan.tiny import make_tiny_dit
 from musubi_tuner.errors import UserError
 from musubi_tuner.memory.attention import SplitAttentionProcessor, apply_split_attention
@@ -122,7 +123,7 @@ def _fp8_dit():
     from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
     model = make_tiny_dit()
-    store_dit_in_fp8(model, ["blocks"], scaled=False)
+    store_dit_in_fp8(model, get_architecture("wan"), scaled=False)
     return model
 
 

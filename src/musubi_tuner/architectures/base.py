@@ -62,6 +62,10 @@ class Architecture:
     """Regexes (fullmatch on the original module path) always excluded, as the reference does."""
     lora_default_excludes_if_unset: ClassVar[tuple[str, ...]] = ()
     """Regexes excluded only when the user gives no `exclude_patterns` (FLUX's modulation layers)."""
+    fp8_scaled_keys: ClassVar[tuple[tuple[str, ...], tuple[str, ...]]] = ((), ())
+    """The reference's `--fp8_scaled` rule: (targets, excludes), substrings of ORIGINAL weight keys; a Linear is
+    quantized when its key contains a target and no exclude (`memory.fp8.reference_fp8_layers`). Plain
+    `--fp8_base` needs no rule: the reference casts every weight."""
 
     def script_name(self, stage: str) -> str:
         """The reference's script file for a stage (`cache_latents`, `cache_text_encoder_outputs`,
@@ -120,6 +124,19 @@ class Architecture:
         `load(flags naming that expert's file)` (the same preparation as `dit`: LoRA merge, fp8 ...) and attach them
         to `dit`, so that `predict` picks the expert per timestep. Called before LoRA/compile wrap `dit`. Default:
         one DiT, nothing to attach."""
+
+    def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
+        """`--blocks_to_swap N`: the DiT blocks kept in CPU memory, in execution order, with the reference's meaning
+        of N. Default: the last N of the class's repeated blocks (Wan); double + single stream families override
+        with `memory.block_swap.double_single_split`. Raise UserError when N is out of range."""
+        from musubi_tuner.memory.block_swap import last_blocks, repeated_blocks
+
+        return last_blocks(repeated_blocks(dit), count)
+
+    def offloaded_input_modules(self, dit: nn.Module) -> list[nn.Module]:
+        """`--img_in_txt_in_offloading`: the DiT's input embedders kept in CPU memory and moved to the device only
+        for their own forward (HunyuanVideo: `img_in` and `txt_in`). Default: none (the flag has no effect)."""
+        return []
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         """Every Linear the reference's LoRA may target, named by its ORIGINAL module path."""

@@ -58,7 +58,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flow-matching shift (0: resolution-dependent, as FLUX)")
     parser.add_argument("--sample_solver", default=None, choices=["unipc", "dpm++", "vanilla"],
                         help="sampler (default: the model's, as the reference: unipc for Wan, vanilla (Euler) for FLUX)")
-    parser.add_argument("--fp8", action="store_true", help="store the DiT's block Linear weights in float8_e4m3fn")
+    parser.add_argument("--fp8", action="store_true", help="store the DiT's Linear weights in float8_e4m3fn")
     parser.add_argument("--fp8_scaled", action="store_true")
     parser.add_argument("--fp8_fast", action="store_true",
                         help="fp8 matmuls (torch._scaled_mm) on GPUs with compute capability 8.9+; needs --fp8")
@@ -107,7 +107,7 @@ class GenerationSession:
         if args.fp8:  # after the LoRA merge, as the reference does
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            store_dit_in_fp8(dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+            store_dit_in_fp8(dit, self.arch, scaled=args.fp8_scaled)
         return dit
 
     def load_dit(self) -> torch.nn.Module:
@@ -120,10 +120,15 @@ class GenerationSession:
         if self.args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args))
+            enable_block_swap(self.dit, self.args.blocks_to_swap, self.device, BlockSwapOptions.from_args(self.args),
+                              blocks=self.arch.swapped_blocks(self.dit, self.args.blocks_to_swap))
         elif on_cpu:
             self.dit.to(self.device)
         self.arch.attach_expert_dits(self.dit, self.load_merged_dit, self.args, self.device)
+        if getattr(self.args, "img_in_txt_in_offloading", False):  # after placement: back to CPU memory
+            from musubi_tuner.memory.module_offload import offload_input_modules
+
+            offload_input_modules(self.arch, self.dit, self.device)
         from musubi_tuner.memory.attention import apply_attention_backend, compile_dit_from_flags
 
         apply_attention_backend(self.dit, self.args.attn_mode, "--attn_mode")

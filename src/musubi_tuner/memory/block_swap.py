@@ -230,17 +230,41 @@ class BlockSwapOptions:
                    ring_size=getattr(args, "block_swap_ring_size", None) or 2)
 
 
+def last_blocks(blocks: list[nn.Module], count: int) -> list[nn.Module]:
+    """--blocks_to_swap N for single-stream families (Wan): the last N blocks."""
+    if not 0 < count < len(blocks):
+        raise UserError(f"--blocks_to_swap {count}: this model has {len(blocks)} blocks; use 1 to {len(blocks) - 1}")
+    return blocks[-count:]
+
+
+def double_single_split(double: list[nn.Module], single: list[nn.Module], count: int) -> list[nn.Module]:
+    """--blocks_to_swap N for double + single stream families, the reference's rule (HunyuanVideo, FLUX,
+    FramePack): the last N // 2 double blocks and the last (N - N // 2) * 2 + 1 single blocks (a single block is
+    about half a double one), at least one of each kind staying on the GPU."""
+    def split(n: int) -> tuple[int, int]:
+        return n // 2, (n - n // 2) * 2 + 1
+
+    allowed = [n for n in range(1, len(double) + len(single))
+               if split(n)[0] < len(double) and split(n)[1] < len(single)]
+    if count not in allowed:
+        hint = f"use 1 to {max(allowed)}" if allowed else "this model is too small to swap any"
+        raise UserError(f"--blocks_to_swap {count}: swaps {split(count)[0]} double and {split(count)[1]} single "
+                        f"blocks (N // 2 and (N - N // 2) * 2 + 1, as the reference); this model has {len(double)} "
+                        f"double and {len(single)} single blocks, so {hint}")
+    swapped_double, swapped_single = split(count)
+    return double[len(double) - swapped_double:] + single[len(single) - swapped_single:]
+
+
 def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: torch.device,
-                      options: BlockSwapOptions = BlockSwapOptions(), engine=None) -> BlockSwapScheduler:
-    """Move `model` to `device` except the last `blocks_to_swap` blocks, which stay in CPU memory and are swapped in
-    around their forwards. `engine` overrides the transfer engine (tests)."""
-    blocks = repeated_blocks(model)
-    if not blocks:
+                      options: BlockSwapOptions = BlockSwapOptions(), engine=None,
+                      blocks: list[nn.Module] | None = None) -> BlockSwapScheduler:
+    """Move `model` to `device` except the swapped blocks, which stay in CPU memory and are swapped in around their
+    forwards. blocks: the swapped blocks in execution order (the architecture's `swapped_blocks`; default: the last
+    `blocks_to_swap` repeated blocks). `engine` overrides the transfer engine (tests)."""
+    every = repeated_blocks(model)
+    if not every:
         raise UserError(f"--blocks_to_swap: {type(model).__name__} declares no repeated blocks to swap")
-    if not 0 < blocks_to_swap < len(blocks):
-        raise UserError(f"--blocks_to_swap {blocks_to_swap}: this model has {len(blocks)} blocks; "
-                        f"use 1 to {len(blocks) - 1}")
-    swapped = blocks[-blocks_to_swap:]
+    swapped = last_blocks(every, blocks_to_swap) if blocks is None else blocks
     resident = {id(t) for b in swapped for t in list(b.parameters()) + list(b.buffers())}
     for module in model.modules():  # everything else goes to the compute device
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
@@ -255,8 +279,8 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: torch.devic
     scheduler = BlockSwapScheduler(slots, engine, options.ring_size,
                                    expects_recompute=lambda: torch.is_grad_enabled() and model.training
                                    and bool(getattr(model, "is_gradient_checkpointing", False)))
-    logger.info("block swap: %d of %d blocks kept in CPU memory (%s engine, at most %d resident)",
-                blocks_to_swap, len(blocks), type(engine).__name__, options.ring_size)
+    logger.info("block swap (--blocks_to_swap %d): %d of %d blocks kept in CPU memory (%s engine, at most %d "
+                "resident)", blocks_to_swap, len(swapped), len(every), type(engine).__name__, options.ring_size)
     return scheduler
 
 

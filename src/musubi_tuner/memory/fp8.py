@@ -76,16 +76,17 @@ class Fp8StorageLinear(nn.Linear):
 
 
 def selected_linears(module: nn.Module, skip_patterns: Iterable[str], include: Iterable[str] | None,
-                     fp8_dtype: torch.dtype) -> list[tuple[str, nn.Linear]]:
-    """The plain `nn.Linear` layers the fp8 conversions touch: not matching `skip_patterns`, and matching
-    `include` when given (regexes searched in the qualified name)."""
+                     fp8_dtype: torch.dtype, names: set[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The plain `nn.Linear` layers the fp8 conversions touch: not matching `skip_patterns`, matching `include`
+    when given (regexes searched in the qualified name), and among `names` when given (exact qualified names)."""
     if fp8_dtype not in FP8_DTYPES:
         raise ValueError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8_dtype}")
     skips = [re.compile(p) for p in skip_patterns]
     includes = None if include is None else [re.compile(p) for p in include]
     return [(name, layer) for name, layer in module.named_modules()
             if type(layer) is nn.Linear and not any(p.search(name) for p in skips)
-            and (includes is None or any(p.search(name) for p in includes))]
+            and (includes is None or any(p.search(name) for p in includes))
+            and (names is None or name in names)]
 
 
 def cast_linear_weights_to_fp8(
@@ -93,6 +94,7 @@ def cast_linear_weights_to_fp8(
     skip_patterns: Iterable[str] = (),
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     include: Iterable[str] | None = None,
+    names: set[str] | None = None,
 ) -> list[str]:
     """Store the weights of `module`'s plain `nn.Linear` layers in `fp8_dtype`, in place.
 
@@ -100,12 +102,13 @@ def cast_linear_weights_to_fp8(
     plain substrings work too, as in the reference's lists (target `"blocks"`, exclude `"norm"`).
     skip_patterns: a match keeps that layer in its current dtype (wins over `include`).
     include: if given, only layers matching one of these are cast (None: every Linear).
+    names: if given, only layers with these exact qualified names are cast.
     Values beyond the fp8 range are clamped (a plain cast would give NaN for e4m3fn).
     Returns the qualified names of the layers cast, in module order.
     """
     limit = torch.finfo(fp8_dtype).max
     cast: list[str] = []
-    for name, layer in selected_linears(module, skip_patterns, include, fp8_dtype):
+    for name, layer in selected_linears(module, skip_patterns, include, fp8_dtype, names):
         weight = layer.weight.detach()
         layer.compute_dtype = weight.dtype
         layer.weight = nn.Parameter(weight.clamp(-limit, limit).to(fp8_dtype), requires_grad=False)
@@ -152,11 +155,12 @@ def quantize_linear_weights_scaled_fp8(
     skip_patterns: Iterable[str] = (),
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     include: Iterable[str] | None = None,
+    names: set[str] | None = None,
 ) -> list[str]:
     """Like `cast_linear_weights_to_fp8`, but with per-block scales (much smaller rounding error). Merge LoRAs
     BEFORE calling this; the same pattern rules apply. Returns the qualified names of the layers quantized."""
     done: list[str] = []
-    for name, layer in selected_linears(module, skip_patterns, include, fp8_dtype):
+    for name, layer in selected_linears(module, skip_patterns, include, fp8_dtype, names):
         layer.compute_dtype = layer.weight.dtype
         quantized, scale = quantize_weight_scaled(layer.weight, fp8_dtype)
         layer.weight = nn.Parameter(quantized, requires_grad=False)
@@ -166,9 +170,29 @@ def quantize_linear_weights_scaled_fp8(
     return done
 
 
-def store_dit_in_fp8(dit: nn.Module, targets: Iterable[str] | None, scaled: bool) -> list[str]:
-    """--fp8_base / --fp8 (and --fp8_scaled): the DiT's block Linear weights in fp8; embedders, norms and the
-    layers the diffusers class marks as precision-sensitive (`_skip_layerwise_casting_patterns`) stay as they are."""
-    skip = tuple(getattr(type(dit), "_skip_layerwise_casting_patterns", None) or ())
+def reference_fp8_layers(arch, dit: nn.Module, scaled: bool) -> list[str]:
+    """The DiT Linear layers `--fp8_base` (`--fp8`) stores in fp8, by the reference's rule, in module order.
+
+    Plain fp8: every Linear (the reference casts the whole DiT to float8_e4m3fn; we cast the Linear weights, which
+    are all but a fraction of a percent of the parameters, and keep norms, convolutions and biases as they are).
+    Scaled: a Linear whose ORIGINAL weight key (`double_blocks.0.img_attn_qkv.weight`) contains one of the family's
+    `fp8_scaled_keys` targets and none of its excludes, as the reference's `optimize_state_dict_with_fp8`; the names
+    come from `arch.lora_candidates`, which covers every block Linear (the targets are all inside the blocks).
+    """
+    linears = [name for name, layer in dit.named_modules() if type(layer) is nn.Linear]
+    if not scaled:
+        return linears
+    targets, excludes = arch.fp8_scaled_keys
+    chosen = {part.module_path for target in arch.lora_candidates(dit)
+              if any(t in target.original_name + ".weight" for t in targets)
+              and not any(e in target.original_name + ".weight" for e in excludes)
+              for part in target.parts}
+    return [name for name in linears if name in chosen]
+
+
+def store_dit_in_fp8(dit: nn.Module, arch, scaled: bool) -> list[str]:
+    """--fp8_base / --fp8 (and --fp8_scaled): the Linear weights the reference stores in fp8 (`reference_fp8_layers`)
+    become fp8; returns their names."""
+    names = set(reference_fp8_layers(arch, dit, scaled))
     convert = quantize_linear_weights_scaled_fp8 if scaled else cast_linear_weights_to_fp8
-    return convert(dit, skip_patterns=skip, include=targets)
+    return convert(dit, names=names)

@@ -6,6 +6,7 @@ As the reference: the activation is cast to float8_e5m2 with a unit scale, the w
 with its per-tensor scale (1 for plain --fp8), and bias and output stay in the compute dtype. e5m2 keeps 2 mantissa
 bits, so outputs move by a few percent against the plain path (speed over quality, as the reference's docs say).
 Layers with block-wise scales (--fp8_scaled) keep the dequantizing path: `_scaled_mm` takes per-tensor scales only.
+Only the layers inside the transformer blocks switch; the embedders and the head keep the plain fp8 path.
 """
 
 from __future__ import annotations
@@ -64,7 +65,13 @@ def enable_fp8_fast(dit: nn.Module, device: torch.device, matmul: Callable | Non
         logger.warning("--fp8_fast: fp8 matmuls need a CUDA GPU with compute capability %d.%d or newer; %s has none, "
                        "so the plain fp8 path is used", *MIN_CAPABILITY, device)
         return 0
-    layers = [m for m in dit.modules() if type(m) is Fp8StorageLinear]
+    # Only the transformer blocks' layers, as the reference (its fp8_fast skips the embedders, and Wan's runs only on
+    # the fp8_scaled block targets): with plain --fp8 every Linear is stored in fp8, but e5m2 activations in the
+    # embedders and the head would double the output error. A model without declared blocks: every layer.
+    from musubi_tuner.memory.block_swap import repeated_blocks
+
+    scope = repeated_blocks(dit) or [dit]
+    layers = [m for block in scope for m in block.modules() if type(m) is Fp8StorageLinear]
     for layer in layers:
         layer.__class__ = Fp8FastLinear
         if matmul is not None:

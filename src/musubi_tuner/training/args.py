@@ -209,7 +209,7 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
                    help="copy swapped blocks into a ring of reused GPU buffers (needs --gradient_checkpointing)")
     p.add_argument("--block_swap_ring_size", type=positive_int, default=2,
                    help="swapped blocks resident at once (2: copy the next while one runs; 1: least VRAM)")
-    p.add_argument("--img_in_txt_in_offloading", action="store_true", help="HunyuanVideo: offload img_in/txt_in")
+    p.add_argument("--img_in_txt_in_offloading", action="store_true", help="HunyuanVideo: keep img_in/txt_in in CPU memory, on the GPU only while they run")
     p.add_argument("--disable_numpy_memmap", action="store_true")
 
 

@@ -13,7 +13,7 @@ from musubi_tuner.errors import UserError
 logger = logging.getLogger(__name__)
 
 # Flags parsed for compatibility whose feature this build does not have yet: using them is an error, not a no-op.
-NOT_YET_SUPPORTED = ("img_in_txt_in_offloading",)
+NOT_YET_SUPPORTED: tuple[str, ...] = ()
 
 
 # Parsed for compatibility; they have nothing to act on here, so a non-default value gets a warning.

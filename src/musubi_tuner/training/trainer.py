@@ -185,7 +185,7 @@ class NetworkTrainer:
         if args.fp8_base:
             from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-            store_dit_in_fp8(dit, getattr(self.arch, "fp8_targets", None), scaled=args.fp8_scaled)
+            store_dit_in_fp8(dit, self.arch, scaled=args.fp8_scaled)
         return dit
 
     def _load_dit(self) -> None:
@@ -195,10 +195,15 @@ class NetworkTrainer:
         if args.blocks_to_swap:
             from musubi_tuner.memory.block_swap import BlockSwapOptions, enable_block_swap
 
-            enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args))
+            enable_block_swap(self.dit, args.blocks_to_swap, self.device, BlockSwapOptions.from_args(args),
+                              blocks=self.arch.swapped_blocks(self.dit, args.blocks_to_swap))
         elif load_device != self.device:
             self.dit.to(self.device)
         self.arch.attach_expert_dits(self.dit, self._load_dit_weights, args, self.device)
+        if args.img_in_txt_in_offloading:  # after placement: these modules go back to CPU memory
+            from musubi_tuner.memory.module_offload import offload_input_modules
+
+            offload_input_modules(self.arch, self.dit, self.device)
         if args.gradient_checkpointing:
             from musubi_tuner.memory.activation_offload import checkpoint_with_cpu_offload
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ class FluxKontextArchitecture(Architecture):
     # user gives no exclude_patterns of their own.
     lora_default_excludes = (r".*(norm).*",)
     lora_default_excludes_if_unset = (r".*(img_mod\.lin|txt_mod\.lin|modulation\.lin).*",)
-    fp8_targets: ClassVar[tuple[str, ...]] = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
+    # the reference's fp8_optimization keys for FLUX.1 Kontext: the modulation layers (`img_mod.lin`, `modulation.lin`)
+    # stay in bf16
+    fp8_scaled_keys = (("single_blocks", "double_blocks"), ("norm", "mod"))
     generation_defaults = GenerationDefaults(
         width=1024, height=1024, frames=1, fps=1.0, infer_steps=25, guidance_scale=1.0, flow_shift=None,
         negative_prompt="", embedded_guidance=2.5, sample_solver="vanilla",  # the reference samples FLUX with Euler
@@ -173,6 +175,11 @@ class FluxKontextArchitecture(Architecture):
         if not args.dit:
             raise UserError("no DiT given: pass --dit flux1-kontext-dev.safetensors")
         return load_flux_dit(args.dit, device=device, dtype=dtype)
+
+    def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
+        from musubi_tuner.memory.block_swap import double_single_split
+
+        return double_single_split(list(dit.transformer_blocks), list(dit.single_transformer_blocks), count)
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.flux_kontext.dit_files import original_linear_parts

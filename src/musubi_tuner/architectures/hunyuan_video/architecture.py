@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +57,10 @@ class HunyuanVideoArchitecture(Architecture):
     network_module = "networks.lora"
     modelspec_architecture = "hunyuan-video"
     lora_default_excludes = (r".*(img_mod|txt_mod|modulation).*",)
-    fp8_targets: ClassVar[tuple[str, ...]] = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
+    # the reference's HYVideoDiffusionTransformer.fp8_optimization keys: `double_blocks.N.img_mod.linear` matches no
+    # exclude and is quantized; the single blocks' `modulation.linear` stays in bf16
+    fp8_scaled_keys = (("single_blocks", "double_blocks"),
+                       ("norm", "time_in", "vector_in", "guidance_in", "txt_in", "img_in", "modulation", "bias", "head"))
     # hv_generate_video.py defaults (checked against its parser): --video_size 256 256, --video_length 129,
     # --fps 24, --infer_steps 50, --guidance_scale 1.0, --embedded_cfg_scale 6.0, --flow_shift 7.0, and the
     # Euler flow-matching sampler (FlowMatchDiscreteScheduler, solver "euler")
@@ -108,6 +111,8 @@ class HunyuanVideoArchitecture(Architecture):
             add_video_to_video_arguments(parser)
             parser.add_argument("--image_path", default=None,
                                 help="SkyReels V1 I2V: the start image (needs a 32-channel DiT, --dit_in_channels 32)")
+            parser.add_argument("--img_in_txt_in_offloading", action="store_true",
+                                help="keep img_in/txt_in in CPU memory, on the GPU only while they run")
             parser.add_argument("--exclude_single_blocks", action="store_true",
                                 help="do not apply the LoRA modules of the single-stream blocks")
 
@@ -207,6 +212,15 @@ class HunyuanVideoArchitecture(Architecture):
                             "(or hunyuan_video_t2v_720p_bf16.safetensors)")
         dtype = str_to_dtype(getattr(args, "dit_dtype", None), dtype, "--dit_dtype")
         return load_hv_dit(args.dit, device=device, dtype=dtype, in_channels=getattr(args, "dit_in_channels", None))
+
+    def offloaded_input_modules(self, dit: nn.Module) -> list[nn.Module]:
+        # the reference's img_in (patch embedder) and txt_in (token refiner with its own embedders)
+        return [dit.x_embedder, dit.context_embedder]
+
+    def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
+        from musubi_tuner.memory.block_swap import double_single_split
+
+        return double_single_split(list(dit.transformer_blocks), list(dit.single_transformer_blocks), count)
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.hunyuan_video.dit_files import original_linear_parts

@@ -37,18 +37,19 @@ TINY_DIT_CONFIG = {
 }
 
 
-def tiny_hv_config(in_channels: int = 16) -> dict:
-    """The tiny config; `in_channels=32` is the SkyReels V1 I2V variant (image latents concatenated)."""
-    return {**TINY_DIT_CONFIG, "in_channels": in_channels}
+def tiny_hv_config(in_channels: int = 16, single_layers: int = 2) -> dict:
+    """The tiny config; `in_channels=32` is the SkyReels V1 I2V variant (image latents concatenated).
+    single_layers: 4 lets `--blocks_to_swap 1` swap blocks (the reference's split takes 3 single blocks)."""
+    return {**TINY_DIT_CONFIG, "in_channels": in_channels, "num_single_layers": single_layers}
 
 
-def tiny_hv_dit(seed: int = 0, in_channels: int = 16):
+def tiny_hv_dit(seed: int = 0, in_channels: int = 16, single_layers: int = 2):
     """A seeded tiny `HunyuanVideoTransformer3DModel` (2 double + 2 single blocks, 2 heads of 16), eval mode."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = HunyuanVideoTransformer3DModel.from_config(tiny_hv_config(in_channels))
+        model = HunyuanVideoTransformer3DModel.from_config(tiny_hv_config(in_channels, single_layers))
         # diffusers zero-initialises nothing here, but make every tensor non-trivial so a mix-up shows
         with torch.no_grad():
             for p in model.parameters():
@@ -57,12 +58,12 @@ def tiny_hv_dit(seed: int = 0, in_channels: int = 16):
 
 
 def write_tiny_hv_dit(out_dir: str | os.PathLike, layout: str = "official_pt", seed: int = 0,
-                      in_channels: int = 16) -> Path:
+                      in_channels: int = 16, single_layers: int = 2) -> Path:
     """Save `tiny_hv_dit(seed, in_channels)` as `official_pt` (`mp_rank_00_model_states.pt`), `comfy`
     (`model.diffusion_model.` safetensors) or `safetensors` (official names, no prefix); returns the path."""
     names = {"official_pt": "mp_rank_00_model_states.pt", "comfy": "hunyuan_video_tiny_bf16.safetensors",
              "safetensors": "hunyuan_video_tiny.safetensors"}
     path = Path(out_dir) / names[layout]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_hv_dit_original(tiny_hv_dit(seed, in_channels), path, layout=layout)
+    save_hv_dit_original(tiny_hv_dit(seed, in_channels, single_layers), path, layout=layout)
     return path

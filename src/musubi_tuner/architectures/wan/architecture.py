@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,7 +66,9 @@ class WanArchitecture(Architecture):
     modelspec_architecture = "wan2.1"
     # Reference default excludes (regex fullmatch on the original module path).
     lora_default_excludes = (r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*",)
-    fp8_targets: ClassVar[tuple[str, ...]] = ("blocks.",)
+    # the reference's FP8_OPTIMIZATION_TARGET_KEYS / EXCLUDE_KEYS (wan/modules/model.py)
+    fp8_scaled_keys = (("blocks",), ("norm", "patch_embedding", "text_embedding", "time_embedding", "time_projection",
+                                     "head", "modulation", "img_emb"))
     generation_defaults = WAN_GENERATION_DEFAULTS
 
     def generation_defaults_for(self, args: argparse.Namespace | None, width: int | None = None,
