@@ -11,7 +11,8 @@ Caches, as the reference's `fpack_cache_latents.py` / `fpack_cache_text_encoder_
   (`cache_sections.py` holds the arithmetic); one-frame caches come from image datasets with control images;
 - text: `llama_vec` (512, 4096) zero-padded after the prompt's tokens, `llama_attention_mask` (512,) bool,
   `clip_l_pooler` (768,).
-Training feeds `--guidance_scale` x1000 to the guidance embedder (the reference trainer's convention).
+Training feeds `--guidance_scale` x1000 to the guidance embedder (the reference trainer's convention,
+`packed_forward.embedded_guidance`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 LATENT_CHANNELS = 16
 LLAMA_VEC_LENGTH = 512
 """The reference pads (or crops) the LLM states to this many tokens (`crop_or_pad_yield_mask(..., 512)`)."""
-GUIDANCE_EMBED_SCALE = 1000.0
-"""The guidance embedder's input is the embedded guidance scale x1000, in training and generation alike."""
 LORA_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 """The reference's LoRA targets: Linear layers of `HunyuanVideoTransformerBlock` /
 `HunyuanVideoSingleTransformerBlock`, named by their (diffusers-style) module paths."""
@@ -295,7 +294,7 @@ class FramePackArchitecture(Architecture):
 
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
-        from musubi_tuner.architectures.framepack.packed_forward import packed_forward
+        from musubi_tuner.architectures.framepack.packed_forward import embedded_guidance, packed_forward
 
         dtype, device = dit_compute_dtype(dit), noisy_latents.device
         b, c, _, h, w = noisy_latents.shape
@@ -314,9 +313,9 @@ class FramePackArchitecture(Architecture):
                 latents = torch.zeros((b, c, size, h, w), device=device, dtype=dtype)
             history[name] = (latents, indices)
         guidance = None
-        if dit.config.guidance_embeds:
-            scale = torch.as_tensor(batch.get("guidance", 1.0), dtype=torch.float32).reshape(-1)
-            guidance = (scale * GUIDANCE_EMBED_SCALE).expand(b).to(device, dtype)
+        if dit.config.guidance_embeds:  # x1000 in training and generation alike (the reference's trainer)
+            scale = float(torch.as_tensor(batch.get("guidance", 1.0)).reshape(-1)[0])
+            guidance = embedded_guidance(scale, b, device=device, dtype=dtype)
         out = packed_forward(
             dit, hidden_states=noisy_latents.to(dtype), timestep=timesteps.to(device, torch.float32),
             encoder_hidden_states=tensor("llama_vec"), encoder_attention_mask=tensor("llama_attention_mask", False),
