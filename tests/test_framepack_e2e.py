@@ -23,10 +23,7 @@ from musubi_tuner.dataset.cache_files import read_cache
 from musubi_tuner.demo_data import COLORS, moving_clip
 from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
 from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
-try:
-    from musubi_tuner.models.siglip_files import save_tiny_siglip
-except ImportError:
-    pass
+from musubi_tuner.models.siglip_files import save_tiny_siglip
 
 ARCH = get_architecture("framepack")
 WINDOW = 2
@@ -65,16 +62,8 @@ class FpWorkspace:
                 "--output_dir", str(output_dir), "--output_name", "lora", *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def ws(_one_thread, tmp_path_factory) -> FpWorkspace:
+def ws(one_thread, tmp_path_factory) -> FpWorkspace:
     root = tmp_path_factory.mktemp("fp")
     models = root / "models"
     return FpWorkspace(root=root, dit=save_tiny_framepack(models / "dit", "shards"),

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from musubi_tuner.architectures.base import Architecture, GenerationDefaults
-from musubi_tuner.architectures.common import dit_compute_dtype, model_range_to_pixels, pixels_to_model_range
+from musubi_tuner.architectures.common import dit_compute_dtype, pixels_to_model_range
 from musubi_tuner.architectures.framepack import cache_sections
 from musubi_tuner.dataset.items import Item, ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
@@ -213,11 +213,9 @@ class FramePackArchitecture(Architecture):
                 for index, section in enumerate(sections)]
 
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_latents
+        from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_pixels
 
-        if latents.dim() == 4:  # one sample without the batch axis
-            latents = latents[None]
-        return model_range_to_pixels(decode_hv_latents(vae, latents))
+        return decode_hv_pixels(vae, latents)
 
     # ---- text side ---------------------------------------------------------------------------------
     def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:

@@ -23,7 +23,6 @@ from torch import nn
 from musubi_tuner.architectures.base import Architecture, GenerationDefaults
 from musubi_tuner.architectures.common import (
     dit_compute_dtype,
-    model_range_to_pixels,
     pixels_to_model_range,
     str_to_dtype,
     video_prompt_spec,
@@ -170,11 +169,9 @@ class HunyuanVideoArchitecture(Architecture):
         return latents * HV_VAE_SCALING_FACTOR
 
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_latents
+        from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_pixels
 
-        if latents.dim() == 4:  # one sample without the batch axis
-            latents = latents[None]
-        return model_range_to_pixels(decode_hv_latents(vae, latents))
+        return decode_hv_pixels(vae, latents)
 
     # ---- text side ---------------------------------------------------------------------------------
     def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:
