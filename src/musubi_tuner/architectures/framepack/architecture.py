@@ -29,19 +29,17 @@ from torch import nn
 from musubi_tuner.architectures.base import Architecture, GenerationDefaults
 from musubi_tuner.architectures.common import dit_compute_dtype, pixels_to_model_range
 from musubi_tuner.architectures.framepack import cache_sections
+from musubi_tuner.architectures.framepack.lora_conversion import LORA_DEFAULT_EXCLUDES
 from musubi_tuner.dataset.items import Item, ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
-from musubi_tuner.networks.targets import LoraPart, LoraTarget
+from musubi_tuner.networks.targets import LoraTarget
 
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
 LLAMA_VEC_LENGTH = 512
 """The reference pads (or crops) the LLM states to this many tokens (`crop_or_pad_yield_mask(..., 512)`)."""
-LORA_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
-"""The reference's LoRA targets: Linear layers of `HunyuanVideoTransformerBlock` /
-`HunyuanVideoSingleTransformerBlock`, named by their (diffusers-style) module paths."""
 LATENT_CACHE_KEYS = ("latents", "latent_indices", "latents_clean", "clean_latent_indices", "image_embeddings")
 """Batch keys every FramePack latent cache has (2x/4x history is optional: one-frame caches may leave it out)."""
 
@@ -54,7 +52,7 @@ class FramePackArchitecture(Architecture):
                            target_fps=30.0, control="optional")
     network_module = "networks.lora_framepack"
     modelspec_architecture = "framepack"
-    lora_default_excludes = (r".*(norm).*",)
+    lora_default_excludes = LORA_DEFAULT_EXCLUDES
     fp8_targets: ClassVar[tuple[str, ...]] = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
     # fpack_generate_video.py defaults: --video_size 256 256, --fps 30, --infer_steps 25, --guidance_scale 1.0,
     # --embedded_cfg_scale 10.0, --flow_shift None (resolution-dependent), UniPC; frames: 5 s at 30 fps
@@ -250,30 +248,14 @@ class FramePackArchitecture(Architecture):
         return load_framepack_dit(args.dit, device=device, dtype=dtype)
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
-        # the reference's FramePack model uses diffusers' module names, so the original name is the path itself
-        return [LoraTarget(path, (LoraPart(path, module),)) for path, module in dit.named_modules()
-                if isinstance(module, nn.Linear) and path.startswith(LORA_BLOCK_PREFIXES)]
+        from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_candidates
+
+        return framepack_lora_candidates(dit)
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
-        """LoRA targets of a shapes-only (meta) DiT sized from the LoRA's own keys (no model file needed)."""
-        from accelerate import init_empty_weights
-        from diffusers import HunyuanVideoFramepackTransformer3DModel
+        from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_targets_for_conversion
 
-        from musubi_tuner.architectures.key_plan import default_axes_dims_rope, heads_for_width
-
-        double = _block_count(lora_sd, "lora_unet_transformer_blocks_")
-        single = _block_count(lora_sd, "lora_unet_single_transformer_blocks_")
-        hidden = next((t.shape[1] for k, t in lora_sd.items() if k.endswith("attn_to_q.lora_down.weight")), None)
-        if hidden is None:
-            raise UserError("this LoRA has no attn_to_q modules; it is not a FramePack LoRA (lora_unet_transformer_"
-                            "blocks_N_attn_to_q ...)")
-        head_dim, heads = heads_for_width(hidden)
-        with init_empty_weights():
-            dit = HunyuanVideoFramepackTransformer3DModel(
-                num_layers=double, num_single_layers=single, num_refiner_layers=0, attention_head_dim=head_dim,
-                num_attention_heads=heads, rope_axes_dim=default_axes_dims_rope(head_dim), has_image_proj=True,
-                has_clean_x_embedder=True, image_condition_type=None)
-        return self.lora_candidates(dit)
+        return framepack_lora_targets_for_conversion(lora_sd)
 
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # FramePackI2V_HY is published in diffusers' names; the merged model is saved as it loads
@@ -348,8 +330,3 @@ def latent_mask(alpha: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     h, w = grid
     small = Image.fromarray(alpha.numpy(), mode="L").resize((w, h), Image.LANCZOS)
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0)
-
-
-def _block_count(lora_sd: dict[str, torch.Tensor], prefix: str) -> int:
-    indices = {int(k[len(prefix):].split("_", 1)[0]) for k in lora_sd if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
