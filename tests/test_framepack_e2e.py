@@ -23,7 +23,7 @@ from musubi_tuner.dataset.cache_files import read_cache
 from musubi_tuner.demo_data import COLORS, moving_clip
 from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
 from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
-from musubi_tuner.models.siglip_files import save_tiny_siglip
+from musubi_tuner.models.siglip_files import TINY_SIGLIP_HIDDEN, save_tiny_siglip
 
 ARCH = get_architecture("framepack")
 WINDOW = 2
@@ -165,7 +165,7 @@ def test_vanilla_writes_one_cache_per_section_named_as_the_reference(ws, vanilla
     assert torch.equal(first["latents_clean_2x"][:, 0], second["latents"][:, 1])
     assert torch.equal(first["latents_clean"][:, 0], second["latents_clean"][:, 0])  # the start latent
     assert first["latent_indices"].tolist() == [1, 2] and second["latent_indices"].tolist() == [3, 4]
-    assert first["image_embeddings"].shape[-1] == 32 and torch.equal(first["image_embeddings"],
+    assert first["image_embeddings"].shape[-1] == TINY_SIGLIP_HIDDEN and torch.equal(first["image_embeddings"],
                                                                      second["image_embeddings"])
 
 
@@ -208,10 +208,13 @@ def test_one_frame_caches_mask_the_control_with_its_alpha(ws, tmp_path):
     assert keys == {"latents_1x4x4_float32", "latents_clean_2x4x4_float32", "image_embeddings_float32",
                     "latent_indices_int64", "clean_latent_indices_int64", "clean_latent_2x_indices_int64"}
     sd, _ = read_cache(red)
-    assert sd["clean_latent_indices"].tolist() == [0, 1 + WINDOW] and sd["latent_indices"].tolist() == [1]
-    assert sd["clean_latent_2x_indices"].tolist() == [2 + WINDOW, 3 + WINDOW]
+    # fp_latent_window_size is the default 9 here: the zero post latent sits at 1 + 9, the 2x history after it
+    assert sd["clean_latent_indices"].tolist() == [0, 10] and sd["latent_indices"].tolist() == [1]
+    assert sd["clean_latent_2x_indices"].tolist() == [11, 12]
     control = sd["latents_clean"][:, 0]
-    assert torch.all(control[:, :, :2] == 0) and torch.any(control[:, :, 2:] != 0)  # left half masked out
+    # the left half is transparent: LANCZOS to the latent grid gives 0 in the first column (the second, at the
+    # edge, only partly); the right half keeps its values
+    assert torch.all(control[:, :, 0] == 0) and torch.all(control[:, :, 3] != 0)
     assert torch.all(sd["latents_clean"][:, 1] == 0)  # the zero "post" latent
     green, _ = read_cache(cache / "green_0032x0032_fp.safetensors")
     assert torch.any(green["latents_clean"][:, 0, :, :2] != 0)  # no alpha: nothing masked

@@ -105,3 +105,12 @@ def test_section_cache_names_follow_the_reference(stem):
     assert path == Path(f"/c/{stem}_00000-045-0002_0640x0480_fp.safetensors")
     parsed = parse_latent_cache_name(path.name, "fp", video=True)
     assert parsed.media_stem == stem and parsed.window == "00000-045-0002" and parsed.original_size == (640, 480)
+
+
+def test_control_alpha_becomes_a_latent_mask():
+    from musubi_tuner.architectures.framepack.architecture import latent_mask
+
+    alpha = torch.full((32, 48), 255, dtype=torch.uint8)
+    alpha[:16] = 0  # top half transparent
+    mask = latent_mask(alpha, (4, 6))
+    assert mask.shape == (4, 6) and torch.all(mask[0] == 0) and torch.all(mask[-1] == 1)

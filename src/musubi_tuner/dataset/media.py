@@ -262,7 +262,7 @@ def _image_control(path: Path, item: Item, spec: DatasetSpec, step: int) -> tupl
     alpha = _load_alpha(path)
     img = load_image_rgb(path)
     size = control_size(img.size, item.bucket_size, spec, step)
-    resized_alpha = None if alpha is None else torch.from_numpy(np.ascontiguousarray(resize_to_bucket(alpha, size)))
+    resized_alpha = None if alpha is None else torch.from_numpy(np.array(resize_to_bucket(alpha, size)))
     return _stack([resize_to_bucket(img, size)]), resized_alpha
 
 
