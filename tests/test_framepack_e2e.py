@@ -300,3 +300,33 @@ def test_a_cache_written_as_the_reference_writes_it_trains(ws, vanilla, tmp_path
     out = tmp_path / "out"
     assert run(fpack_train_network.main, ws.train_args(toml, out, 3)) == 0
     assert (out / "lora.safetensors").is_file()
+
+
+def test_dataset_kind_and_flags_are_checked_before_models_load(ws, tmp_path, capsys):
+    missing_vae = ["--vae", str(tmp_path / "missing.pt"), "--image_encoder", str(ws.siglip)]
+    images = write_one_frame_dataset(tmp_path / "images", alpha=False)
+    assert run(fpack_cache_latents.main, ["--dataset_config", str(images), *missing_vae]) == 2
+    assert "FramePack trains on video datasets; for image datasets with control images add --one_frame" in \
+        capsys.readouterr().err
+    images.write_text("\n".join(line for line in images.read_text().splitlines()
+                                 if not line.startswith("control_directory")))
+    assert run(fpack_cache_latents.main, ["--dataset_config", str(images), *missing_vae, "--one_frame"]) == 2
+    assert "has no control image; --one_frame needs one per fp_1f_clean_indices entry" in capsys.readouterr().err
+    videos = write_video_dataset(tmp_path / "videos")
+    assert run(fpack_cache_latents.main, ["--dataset_config", str(videos), *missing_vae, "--one_frame"]) == 2
+    assert "--one_frame trains on image datasets with control images" in capsys.readouterr().err
+    assert run(fpack_cache_latents.main, ["--dataset_config", str(videos), "--vae", "x.pt"]) == 2
+    assert "--image_encoder is required" in capsys.readouterr().err
+    assert run(fpack_cache_latents.main, ["--dataset_config", str(videos), *missing_vae, "--one_frame_no_2x"]) == 2
+    assert "only apply with --one_frame" in capsys.readouterr().err
+
+
+def test_training_refuses_caches_of_another_kind(ws, tmp_path, capsys):
+    toml = write_video_dataset(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    save_file({"latents_2x4x4_float32": torch.zeros(16, 2, 4, 4)},
+              str(cache / "blue_square_00000-017_0032x0032_fp.safetensors"), metadata={"architecture": "framepack"})
+    save_file({"llama_vec_float32": torch.zeros(512, 32)}, str(cache / "blue_square_fp_te.safetensors"))
+    assert run(fpack_train_network.main, ws.train_args(toml, tmp_path / "out", 1)) == 2
+    assert "is not a FramePack section cache (no latent_indices, latents_clean" in capsys.readouterr().err
