@@ -114,3 +114,13 @@ def test_control_alpha_becomes_a_latent_mask():
     alpha[:16] = 0  # top half transparent
     mask = latent_mask(alpha, (4, 6))
     assert mask.shape == (4, 6) and torch.all(mask[0] == 0) and torch.all(mask[-1] == 1)
+
+
+def test_framepack_buckets_pick_the_nearest_aspect_ratio():
+    from musubi_tuner.architectures.framepack.buckets import BUCKETS_640, nearest_framepack_bucket
+
+    assert len(BUCKETS_640) == 14 and all(h % 16 == 0 and w % 16 == 0 for h, w in BUCKETS_640)
+    assert nearest_framepack_bucket(1080, 1920) == (480, 832)  # 16:9 -> 23040 off, the closest
+    assert nearest_framepack_bucket(832, 480) == (832, 480)  # an exact match
+    assert nearest_framepack_bucket(512, 512) == (640, 608)  # tie with (608, 640): the later one wins
+    assert nearest_framepack_bucket(100, 10000) == (416, 960) and nearest_framepack_bucket(10000, 100) == (960, 416)
