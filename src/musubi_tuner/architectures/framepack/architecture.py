@@ -108,6 +108,11 @@ class FramePackArchitecture(Architecture):
                                 "or drop them")
             if args.f1 and args.one_frame:
                 raise UserError("--f1 and --one_frame are different cache kinds; give one of them")
+        if purpose == "train" and getattr(args, "sample_prompts", None):
+            # the shared sampler renders one latent block; FramePack renders section by section (sampling.py). Until
+            # the trainer's samples go through that loop, refuse here rather than fail at the first sample step.
+            raise UserError("--sample_prompts: samples during FramePack training are not wired to the section "
+                            "sampler yet; drop the flag and generate from a saved LoRA with fpack_generate_video.py")
         if getattr(args, "latent_window_size", 9) < 1:
             raise UserError(f"--latent_window_size {args.latent_window_size}: must be a positive number (default 9)")
 
