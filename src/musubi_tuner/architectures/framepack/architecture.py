@@ -55,9 +55,10 @@ class FramePackArchitecture(Architecture):
     lora_default_excludes = LORA_DEFAULT_EXCLUDES
     fp8_targets: ClassVar[tuple[str, ...]] = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
     # fpack_generate_video.py defaults: --video_size 256 256, --fps 30, --infer_steps 25, --guidance_scale 1.0,
-    # --embedded_cfg_scale 10.0, --flow_shift None (resolution-dependent), UniPC; frames: 5 s at 30 fps
+    # --embedded_cfg_scale 10.0, --flow_shift None (resolution-dependent), UniPC; frames: --video_seconds 5 at 30 fps
+    # = round(150 / 36) = 4 sections of 9 latents = 4 * 9 * 4 + 1 frames
     generation_defaults = GenerationDefaults(
-        width=256, height=256, frames=149, fps=30.0, infer_steps=25, guidance_scale=1.0, flow_shift=None,
+        width=256, height=256, frames=145, fps=30.0, infer_steps=25, guidance_scale=1.0, flow_shift=None,
         negative_prompt="", embedded_guidance=10.0, sample_solver="unipc",
     )
 
