@@ -166,6 +166,11 @@ def test_two_stream_families_split_n_as_the_reference_and_wan_takes_the_last_n()
         [hv.transformer_blocks[1], *hv.single_transformer_blocks[1:]]
     with pytest.raises(UserError, match="too small to swap any"):
         get_architecture("hunyuan_video").swapped_blocks(tiny_hv_dit(), 1)  # 2 single blocks: no N fits
+    # FLUX (19 + 38 blocks) keeps two of each: N <= 34 (17 double + 35 single)
+    flux_double, flux_single = [f"d{i}" for i in range(19)], [f"s{i}" for i in range(38)]
+    assert len(double_single_split(flux_double, flux_single, 34, keep=2)) == 17 + 35
+    with pytest.raises(UserError, match="use 1 to 34"):
+        double_single_split(flux_double, flux_single, 35, keep=2)
     wan = _four_block_dit()
     assert get_architecture("wan").swapped_blocks(wan, 3) == list(wan.blocks[1:])
 

@@ -93,16 +93,21 @@ def test_dtype_casts_and_bf16_file_keeps_bf16(tmp_path):
 
 @torch.no_grad()
 @pytest.mark.parametrize("scaled", [False, True])
-def test_fp8_stores_only_block_linears(tmp_path, source, scaled):
+def test_fp8_follows_the_reference_rule(tmp_path, source, scaled):
     path = save_tiny_framepack(tmp_path, "single")
     dit = load_framepack_dit(path, fp8_base=not scaled, fp8_scaled=scaled)
     wanted = ScaledFp8Linear if scaled else Fp8StorageLinear
     assert type(dit.transformer_blocks[0].attn.to_q) is wanted
     assert type(dit.single_transformer_blocks[1].proj_out) is wanted
     assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
-    for name in ("proj_out", "image_projection.up", "context_embedder.proj_in", "time_text_embed.text_embedder.linear_1"):
-        assert type(dit.get_submodule(name)) is torch.nn.Linear, name
-    assert torch.allclose(_predict(dit), _predict(source), atol=0.05)
+    # the reference: plain fp8 casts the whole DiT; scaled quantizes block Linears without "norm" in their key
+    outside = ("proj_out", "image_projection.up", "context_embedder.proj_in", "time_text_embed.text_embedder.linear_1")
+    for name in outside:
+        assert type(dit.get_submodule(name)) is (torch.nn.Linear if scaled else Fp8StorageLinear), name
+    assert type(dit.transformer_blocks[0].norm1.linear) is (torch.nn.Linear if scaled else Fp8StorageLinear)
+    got, want = _predict(dit), _predict(source)
+    # fp8 e4m3 keeps 3 mantissa bits: relative rounding error up to 6 % per weight, a few % on the output
+    assert (got - want).norm() / want.norm() < 0.05
 
 
 def test_prequantized_fp8_file_is_rejected(tmp_path):

@@ -237,20 +237,23 @@ def last_blocks(blocks: list[nn.Module], count: int) -> list[nn.Module]:
     return blocks[-count:]
 
 
-def double_single_split(double: list[nn.Module], single: list[nn.Module], count: int) -> list[nn.Module]:
+def double_single_split(double: list[nn.Module], single: list[nn.Module], count: int,
+                        keep: int = 1) -> list[nn.Module]:
     """--blocks_to_swap N for double + single stream families, the reference's rule (HunyuanVideo, FLUX,
     FramePack): the last N // 2 double blocks and the last (N - N // 2) * 2 + 1 single blocks (a single block is
-    about half a double one), at least one of each kind staying on the GPU."""
+    about half a double one), at least `keep` of each kind staying on the GPU (the reference: 1 for HunyuanVideo and
+    FramePack, 2 for FLUX)."""
     def split(n: int) -> tuple[int, int]:
         return n // 2, (n - n // 2) * 2 + 1
 
     allowed = [n for n in range(1, len(double) + len(single))
-               if split(n)[0] < len(double) and split(n)[1] < len(single)]
+               if split(n)[0] <= len(double) - keep and split(n)[1] <= len(single) - keep]
     if count not in allowed:
         hint = f"use 1 to {max(allowed)}" if allowed else "this model is too small to swap any"
         raise UserError(f"--blocks_to_swap {count}: swaps {split(count)[0]} double and {split(count)[1]} single "
                         f"blocks (N // 2 and (N - N // 2) * 2 + 1, as the reference); this model has {len(double)} "
-                        f"double and {len(single)} single blocks, so {hint}")
+                        f"double and {len(single)} single blocks and keeps at least {keep} of each on the device, "
+                        f"so {hint}")
     swapped_double, swapped_single = split(count)
     return double[len(double) - swapped_double:] + single[len(single) - swapped_single:]
 

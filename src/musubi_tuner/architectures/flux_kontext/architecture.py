@@ -179,7 +179,8 @@ class FluxKontextArchitecture(Architecture):
     def swapped_blocks(self, dit: nn.Module, count: int) -> list[nn.Module]:
         from musubi_tuner.memory.block_swap import double_single_split
 
-        return double_single_split(list(dit.transformer_blocks), list(dit.single_transformer_blocks), count)
+        # the reference's FLUX keeps two blocks of each kind on the device
+        return double_single_split(list(dit.transformer_blocks), list(dit.single_transformer_blocks), count, keep=2)
 
     def lora_candidates(self, dit: nn.Module) -> list[LoraTarget]:
         from musubi_tuner.architectures.flux_kontext.dit_files import original_linear_parts

@@ -24,13 +24,10 @@ from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.hf_folder import read_model_folder
 from musubi_tuner.models.meta_loading import assign_weights
 
-__all__ = ["load_framepack_dit", "infer_framepack_config", "FRAMEPACK_FP8_TARGETS", "DIT_FLAG_HINT", "BLOCK_CLASSES"]
+__all__ = ["load_framepack_dit", "infer_framepack_config", "DIT_FLAG_HINT", "BLOCK_CLASSES"]
 
 DIT_FLAG_HINT = ("--dit expects a FramePack DiT: the first of lllyasviel/FramePackI2V_HY's (or F1's) 3 shards "
                  "diffusion_pytorch_model-00001-of-00003.safetensors, FramePackI2V_HY_bf16.safetensors, or their folder")
-FRAMEPACK_FP8_TARGETS = (r"^transformer_blocks\.", r"^single_transformer_blocks\.")
-"""The Linears --fp8_base/--fp8_scaled store in fp8 (the reference's targets; norms stay, by the class's own
-`_skip_layerwise_casting_patterns`)."""
 
 BLOCK_CLASSES = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
 """The repeated transformer blocks (the reference's FramePack LoRA targets and swapped blocks). diffusers'
@@ -113,8 +110,8 @@ def load_framepack_dit(path: str | os.PathLike, *, device: str | torch.device = 
     `HunyuanVideoFramepackTransformer3DModel`.
 
     Tensors are read memory-mapped on the CPU and cast on their way to `device` (`dtype` None keeps the file's).
-    `fp8_base` stores the block Linear weights in float8_e4m3fn, `fp8_scaled` quantizes them with scales
-    (`memory/fp8.py`); both leave embedders, norms and the output layers as loaded.
+    `fp8_base` stores the Linear weights in float8_e4m3fn, `fp8_scaled` quantizes the block Linears with scales,
+    by the reference's rule (`memory/fp8.py` `reference_fp8_layers`).
     """
     path = Path(path)
     if not path.exists():
@@ -126,7 +123,8 @@ def load_framepack_dit(path: str | os.PathLike, *, device: str | torch.device = 
     assign_weights(model, state, dtype=dtype, device=device, source=str(path), flag=flag, what="FramePack DiT")
     model.to(device)  # non-persistent buffers were built on the CPU
     if fp8_base or fp8_scaled:
+        from musubi_tuner.architectures import get_architecture
         from musubi_tuner.memory.fp8 import store_dit_in_fp8
 
-        store_dit_in_fp8(model, FRAMEPACK_FP8_TARGETS, scaled=fp8_scaled)
+        store_dit_in_fp8(model, get_architecture("framepack"), scaled=fp8_scaled)
     return model.eval().requires_grad_(False)
