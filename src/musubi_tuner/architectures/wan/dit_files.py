@@ -51,12 +51,13 @@ class WanTask:
     ffn_dim: int
     num_heads: int
     mode: str
-    """Which weights: `t2v` (16 input channels), `i2v` (36 + CLIP image branch), `flf2v` (i2v + `emb_pos`)."""
+    """Which weights: `t2v` (16 input channels), `i2v` (36 + CLIP image branch), `flf2v` (i2v + `emb_pos`),
+    `fc` (Fun-Control: 48 input channels + CLIP image branch, for its T2V and I2V tasks alike)."""
     example_file: str
 
     @property
     def in_dim(self) -> int:
-        return 16 if self.mode == "t2v" else 36
+        return MODE_IN_DIM[self.mode]
 
     @property
     def has_image_branch(self) -> bool:
@@ -82,10 +83,15 @@ WAN_TASKS: dict[str, WanTask] = {
         WanTask("i2v-14B", **_14B, mode="i2v", example_file="wan2.1_i2v_480p_14B_bf16.safetensors"),
         WanTask("t2i-14B", **_14B, mode="t2v", example_file="wan2.1_t2v_14B_bf16.safetensors"),
         WanTask("flf2v-14B", **_14B, mode="flf2v", example_file="wan2.1_flf2v_720p_14B_fp16.safetensors"),
+        # Fun-Control (alibaba-pai Wan2.1-Fun-Control): one 14B file serves both of its 14B tasks
+        WanTask("t2v-1.3B-FC", 1536, 30, 8960, 12, "fc", "Wan2.1-Fun-1.3B-Control diffusion_pytorch_model.safetensors"),
+        WanTask("t2v-14B-FC", **_14B, mode="fc", example_file="Wan2.1-Fun-14B-Control diffusion_pytorch_model.safetensors"),
+        WanTask("i2v-14B-FC", **_14B, mode="fc", example_file="Wan2.1-Fun-14B-Control diffusion_pytorch_model.safetensors"),
     )
 }
+MODE_IN_DIM = {"t2v": 16, "i2v": 36, "flf2v": 36, "fc": 48}
+"""DiT input channels per mode: 16 noisy latents + 20 (I2V: 4 mask + 16 image) or 32 (FC: 16 control + 16 image)."""
 UNSUPPORTED_TASKS = {
-    "t2v-1.3B-FC": "Wan2.1 Fun-Control", "t2v-14B-FC": "Wan2.1 Fun-Control", "i2v-14B-FC": "Wan2.1 Fun-Control",
     "t2v-A14B": "Wan2.2", "i2v-A14B": "Wan2.2", "ti2v-5B": "Wan2.2",
 }
 CLIP_IMAGE_DIM = 1280
@@ -187,14 +193,14 @@ def _reject_variants(keys: set[str], in_dim: int, dim: int, has_image: bool, whe
     if any(k.endswith(".scale_weight") for k in keys):
         raise CheckpointError(f"{where} is a scaled-fp8 checkpoint; load the bf16/fp16 file instead "
                               "(use --fp8_base/--fp8_scaled to store it in fp8)")
-    if in_dim == 48:
-        kind = "a Wan2.2 TI2V-5B DiT" if dim == 3072 else "a Wan2.1 Fun-Control (FC) DiT"
-        raise CheckpointError(f"{where} is {kind}, which is not supported; {hint}")
+    if in_dim == 48 and (dim == 3072 or not has_image):  # Fun-Control DiTs have 48 channels and the image branch
+        raise CheckpointError(f"{where} is a Wan2.2 TI2V-5B DiT, which is not supported; {hint}")
     if in_dim == 36 and not has_image:
         raise CheckpointError(f"{where} is an I2V DiT without a CLIP image branch (a Wan2.2 I2V-A14B expert), "
                               f"which is not supported; {hint}")
-    if in_dim not in (16, 36):
-        raise CheckpointError(f"{where} has {in_dim} input channels; Wan2.1 DiTs have 16 (T2V) or 36 (I2V); {hint}")
+    if in_dim not in (16, 36, 48):
+        raise CheckpointError(f"{where} has {in_dim} input channels; Wan2.1 DiTs have 16 (T2V), 36 (I2V) or 48 "
+                              f"(Fun-Control); {hint}")
 
 
 def _not_a_dit_error(keys: set[str], where: str, flag: str) -> CheckpointError:
@@ -229,7 +235,7 @@ def infer_wan_config(shapes: Mapping[str, Any], *, num_heads: int | None = None,
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     has_image = "img_emb.proj.1.weight" in keys
     _reject_variants(keys, in_dim, dim, has_image, source)
-    mode = "flf2v" if "img_emb.emb_pos" in keys else "i2v" if has_image else "t2v"
+    mode = "flf2v" if "img_emb.emb_pos" in keys else "fc" if in_dim == 48 else "i2v" if has_image else "t2v"
     num_layers = 1 + max(int(m[1]) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k)))
     ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
     published = next((t for t in WAN_TASKS.values()
