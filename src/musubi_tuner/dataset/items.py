@@ -46,3 +46,8 @@ class ItemPixels:
     """uint8 (F, H, W, 3) control images/videos (may be empty)."""
     mask: torch.Tensor | None = None
     """float32 (H, W) loss mask in [0, 1] at the bucket size, or None (dataset/masks.py)."""
+    clean_indices: tuple[int, ...] | None = None
+    """Image items: the dataset's `fp_1f_clean_indices` (time positions of the control images for one-frame
+    training caches); None when the key is not set."""
+    target_index: int | None = None
+    """Image items: the dataset's `fp_1f_target_index` (time position of the image itself); None when not set."""

@@ -27,6 +27,7 @@ def check_request(arch: Architecture, spec: PromptSpec, args: argparse.Namespace
     where = spec.source or "prompt"
     try:
         arch.check_request_size(resolved.width, resolved.height, resolved.frames, OPTION_OF_FIELD)
+        arch.check_request_options(resolved, args)
     except UserError as exc:
         raise PromptOptionError(f"{where}: {exc}") from None
     for field in MEDIA_FIELDS + MEDIA_LIST_FIELDS:
