@@ -178,6 +178,8 @@ class WanArchitecture(Architecture):
         if request.control_path and not fun_control.is_fun_control(task):
             raise UserError(f"--control_path/--cn needs a Fun-Control --task ({', '.join(fun_control.FC_TASKS)}), "
                             f"not {task}")
+        if request.control_path and request.frames:
+            fun_control.check_control_length(request.control_path, request.frames)
         if request.one_frame:
             layout = one_frame.parse_one_frame_options(request.one_frame)
             if task not in I2V_TASKS:

@@ -55,19 +55,30 @@ def clip_context(batch: dict[str, Any], batch_size: int, image_dim: int, device:
     return torch.zeros(batch_size, 1, image_dim, device=device, dtype=dtype)
 
 
-def load_control_frames(path: str, frames: int, width: int, height: int, flag: str = "--control_path") -> torch.Tensor:
-    """The first `frames` frames of a control video (file or folder of frames) resized/cropped to width x height,
-    as uint8 (F, H, W, 3); fewer frames than needed is an error naming the flag, as in the reference."""
-    from musubi_tuner.dataset.media import MediaError, decode_frames, probe_video, resize_to_bucket
+def check_control_length(path: str, frames: int, flag: str = "--control_path") -> None:
+    """A control video (file or folder of frames) must have at least the frames generated; checked from its header
+    before any model loads."""
+    from musubi_tuner.dataset.media import MediaError, probe_video
 
     source = Path(path)
     if not source.exists():
         raise UserError(f"{flag} {path}: no such file or folder")
     try:
         count, _ = probe_video(source)
-        if count < frames:
-            raise UserError(f"{flag} {path} has {count} frames; the video needs {frames} (--video_length, or --f)")
-        decoded = decode_frames(source, list(range(frames)))
+    except MediaError as exc:
+        raise UserError(f"{flag} {path}: {exc}") from None
+    if count < frames:
+        raise UserError(f"{flag} {path} has {count} frames; the video needs {frames} (--video_length, or --f)")
+
+
+def load_control_frames(path: str, frames: int, width: int, height: int, flag: str = "--control_path") -> torch.Tensor:
+    """The first `frames` frames of a control video (file or folder of frames) resized/cropped to width x height,
+    as uint8 (F, H, W, 3); fewer frames than needed is an error naming the flag, as in the reference."""
+    from musubi_tuner.dataset.media import MediaError, decode_frames, resize_to_bucket
+
+    check_control_length(path, frames, flag)
+    try:
+        decoded = decode_frames(Path(path), list(range(frames)))
     except MediaError as exc:
         raise UserError(f"{flag} {path}: {exc}") from None
     resized = [np.ascontiguousarray(resize_to_bucket(frame, (width, height))[..., :3]) for frame in decoded]
