@@ -158,12 +158,18 @@ def _eval_loss(dit_path, lora_path, cache_dir) -> float:
 
 def test_one_frame_training_learns_and_generation_is_seeded(files, tmp_path):
     out = tmp_path / "lora"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"the red dot moves right --w 32 --h 32 --s 2 --d 1 --i {files['control']} "
+                       f"--of target_index=1,control_index=0 --ci {files['control']}\n")
     train = ["--task", "i2v-14B", "--dit", str(files["dit"]), "--dataset_config", str(files["toml"]), *files["vae"],
              *files["t5"], "--one_frame", "--mixed_precision", "no", "--network_dim", "8", "--network_alpha", "8",
              "--learning_rate", "1e-2", "--max_train_steps", "16", "--seed", "1", "--output_dir", str(out),
-             "--output_name", "one_frame"]
+             "--output_name", "one_frame", "--clip", str(files["clip"]), "--sample_prompts", str(prompts),
+             "--sample_every_n_steps", "16"]
     assert run(wan_train_network.main, train) == 0
     lora = out / "one_frame.safetensors"
+    (sample,) = (out / "sample").glob("*.png")  # the sample at the last step is one image
+    assert Image.open(sample).size == (32, 32)
     before = _eval_loss(files["dit"], None, files["root"] / "cache")
     after = _eval_loss(files["dit"], lora, files["root"] / "cache")
     print(f"one-frame eval loss before {before:.4f} after {after:.4f}")
@@ -183,6 +189,17 @@ def test_one_frame_training_learns_and_generation_is_seeded(files, tmp_path):
     a, b, c = generate(4, tmp_path / "a"), generate(4, tmp_path / "b"), generate(5, tmp_path / "c")
     assert a.shape == (16, 1, 4, 4)  # only the target frame is kept
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_one_frame_training_checks_its_sample_prompts_first(files, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dot --w 32 --h 32\n")
+    train = ["--task", "i2v-14B", "--dit", str(tmp_path / "missing.safetensors"), "--dataset_config",
+             str(files["toml"]), "--one_frame", "--sample_prompts", str(prompts), "--max_train_steps", "1",
+             "--output_dir", str(tmp_path / "o")]
+    assert run(wan_train_network.main, train) == 2
+    err = capsys.readouterr().err
+    assert "need --of" in err and "p.txt line 1" in err and "missing.safetensors" not in err
 
 
 @pytest.mark.parametrize("extra, needle", [

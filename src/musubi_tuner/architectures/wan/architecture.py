@@ -180,6 +180,11 @@ class WanArchitecture(Architecture):
                             f"not {task}")
         if request.control_path and request.frames:
             fun_control.check_control_length(request.control_path, request.frames)
+        trains_one_frame = getattr(args, "one_frame", None)  # only the training flags carry --one_frame
+        if trains_one_frame is not None and trains_one_frame != bool(request.one_frame):
+            raise UserError("sample prompts of a --one_frame training run need --of (e.g. --of target_index=1,"
+                            "control_index=0 --ci control.png), and --of needs --one_frame" if trains_one_frame else
+                            "--of (one-frame inference) in a sample prompt needs --one_frame in the training flags")
         if request.one_frame:
             layout = one_frame.parse_one_frame_options(request.one_frame)
             if task not in I2V_TASKS:
