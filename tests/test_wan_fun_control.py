@@ -16,7 +16,7 @@ from musubi_tuner.architectures.wan.tiny import make_tiny_dit, write_tiny_wan_fi
 from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
 from musubi_tuner.demo_data import COLORS, moving_clip
 from musubi_tuner.inference.outputs import save_video_mp4
-from wan_fixtures import run
+from wan_fixtures import eval_flow_loss, run
 
 
 def _capture_inputs(dit):
@@ -105,27 +105,6 @@ def test_control_videos_are_cached_as_latents_control(files):
     torch.testing.assert_close(control, expected, rtol=0, atol=1e-5)
 
 
-def _eval_loss(dit_path, lora_path, cache_dir) -> float:
-    from musubi_tuner.architectures.wan.dit_files import load_wan_dit
-    from musubi_tuner.dataset.cache_files import read_cache
-    from musubi_tuner.inference.lora_merge import merge_loras_into_dit
-
-    arch = WanArchitecture()
-    dit = load_wan_dit(dit_path, dtype=torch.float32)
-    if lora_path is not None:
-        merge_loras_into_dit(arch, dit, [str(lora_path)], [1.0])
-    cache, _ = read_cache(next(cache_dir.glob("*_0032x0032_wan.safetensors")))
-    text, _ = read_cache(next(cache_dir.glob("*_te.safetensors")))
-    batch = {k: v[None] for k, v in cache.items()} | {"t5": [text["t5"]]}
-    x0, gen, losses = batch["latents"].float(), torch.Generator().manual_seed(0), []
-    for t in (0.3, 0.6, 0.9):
-        noise = torch.randn(x0.shape, generator=gen)
-        with torch.no_grad():
-            pred = arch.predict(dit, batch, (1 - t) * x0 + t * noise, torch.tensor([t * 1000.0]))
-        losses.append(torch.mean((pred - (noise - x0)) ** 2).item())
-    return sum(losses) / len(losses)
-
-
 def test_fun_control_training_learns_and_generation_follows_the_control(files, tmp_path):
     out = tmp_path / "lora"
     train = ["--task", "t2v-1.3B-FC", "--dit", str(files["dit"]), "--dataset_config", str(files["toml"]),
@@ -134,8 +113,9 @@ def test_fun_control_training_learns_and_generation_follows_the_control(files, t
              "--output_name", "fc"]
     assert run(wan_train_network.main, train) == 0
     lora = out / "fc.safetensors"
-    before = _eval_loss(files["dit"], None, files["root"] / "cache")
-    after = _eval_loss(files["dit"], lora, files["root"] / "cache")
+    cache = files["root"] / "cache"
+    caches = [(cache / "blue_square_00000-005_0032x0032_wan.safetensors", cache / "blue_square_wan_te.safetensors")]
+    before, after = eval_flow_loss(files["dit"], None, caches), eval_flow_loss(files["dit"], lora, caches)
     print(f"Fun-Control eval loss before {before:.4f} after {after:.4f}")
     assert after < 0.8 * before, (before, after)
 

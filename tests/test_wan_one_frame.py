@@ -21,7 +21,7 @@ from musubi_tuner.architectures.wan.tiny import make_tiny_dit, write_tiny_wan_fi
 from musubi_tuner.architectures.wan.tiny_encoders import write_tiny_wan_encoder_files
 from musubi_tuner.demo_data import COLORS, moving_clip
 from musubi_tuner.errors import UserError
-from wan_fixtures import run
+from wan_fixtures import eval_flow_loss, run
 
 
 # ---- layout ---------------------------------------------------------------------------------------------
@@ -132,30 +132,6 @@ def test_one_frame_caching_needs_clip(files, capsys):
     assert "--one_frame needs --clip" in capsys.readouterr().err
 
 
-def _eval_loss(dit_path, lora_path, cache_dir) -> float:
-    from musubi_tuner.architectures.wan.dit_files import load_wan_dit
-    from musubi_tuner.dataset.cache_files import read_cache
-    from musubi_tuner.inference.lora_merge import merge_loras_into_dit
-
-    arch = WanArchitecture()
-    dit = load_wan_dit(dit_path, dtype=torch.float32)
-    if lora_path is not None:
-        merge_loras_into_dit(arch, dit, [str(lora_path)], [1.0])
-    losses = []
-    gen = torch.Generator().manual_seed(0)
-    for name in ("red", "green"):
-        cache, _ = read_cache(cache_dir / f"{name}_0032x0032_wan.safetensors")
-        text, _ = read_cache(cache_dir / f"{name}_wan_te.safetensors")
-        batch = {k: v[None] for k, v in cache.items()} | {"t5": [text["t5"]]}
-        x0 = batch["latents"].float()
-        for t in (0.3, 0.6, 0.9):
-            noise = torch.randn(x0.shape, generator=gen)
-            with torch.no_grad():
-                pred = arch.predict(dit, batch, (1 - t) * x0 + t * noise, torch.tensor([t * 1000.0]))
-            losses.append(torch.mean((pred - (noise - x0)) ** 2).item())
-    return sum(losses) / len(losses)
-
-
 def test_one_frame_training_learns_and_generation_is_seeded(files, tmp_path):
     out = tmp_path / "lora"
     prompts = tmp_path / "prompts.txt"
@@ -170,8 +146,9 @@ def test_one_frame_training_learns_and_generation_is_seeded(files, tmp_path):
     lora = out / "one_frame.safetensors"
     (sample,) = (out / "sample").glob("*.png")  # the sample at the last step is one image
     assert Image.open(sample).size == (32, 32)
-    before = _eval_loss(files["dit"], None, files["root"] / "cache")
-    after = _eval_loss(files["dit"], lora, files["root"] / "cache")
+    cache = files["root"] / "cache"
+    caches = [(cache / f"{n}_0032x0032_wan.safetensors", cache / f"{n}_wan_te.safetensors") for n in ("red", "green")]
+    before, after = eval_flow_loss(files["dit"], None, caches), eval_flow_loss(files["dit"], lora, caches)
     print(f"one-frame eval loss before {before:.4f} after {after:.4f}")
     assert after < 0.8 * before, (before, after)
 
