@@ -132,6 +132,16 @@ def test_one_frame_caching_needs_clip(files, capsys):
     assert "--one_frame needs --clip" in capsys.readouterr().err
 
 
+def test_one_frame_caching_without_control_images_names_the_key(files, tmp_path, capsys):
+    toml = tmp_path / "no_controls.toml"
+    toml.write_text(files["toml"].read_text().replace("control_directory", "# control_directory")
+                    .replace((files["root"] / "cache").as_posix(), (tmp_path / "cache").as_posix()))
+    argv = ["--dataset_config", str(toml), *files["vae"], "--clip", str(files["clip"]), "--one_frame"]
+    assert run(wan_cache_latents.main, argv) == 2
+    assert "needs 1 control image(s) per image" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
 def test_one_frame_training_learns_and_generation_is_seeded(files, tmp_path):
     out = tmp_path / "lora"
     prompts = tmp_path / "prompts.txt"

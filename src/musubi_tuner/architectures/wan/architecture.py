@@ -288,9 +288,13 @@ class WanArchitecture(Architecture):
     def _one_frame_contents(self, encoders: WanLatentEncoders, item: ItemPixels) -> dict[str, torch.Tensor]:
         """One-frame training cache of an image item with its control images (docs of one_frame.py)."""
         layout = one_frame.dataset_layout(item.clean_indices, item.target_index)
+        if item.pixels.shape[0] != 1:
+            raise UserError("--one_frame caches are made from image datasets (a target image with its control "
+                            "images); this dataset has video items: cache it without --one_frame")
         if len(item.control) != len(layout.control_indices):
             raise UserError(f"one-frame caching needs {len(layout.control_indices)} control image(s) per image "
-                            f"(fp_1f_clean_indices = {list(layout.control_indices)}), got {len(item.control)}")
+                            f"(fp_1f_clean_indices = {list(layout.control_indices)}), got {len(item.control)}: set "
+                            "control_directory in the dataset config (controls named like the images)")
         if len(item.control) > one_frame.MAX_CONTROL_IMAGES:
             raise UserError(f"one-frame training takes 1 or 2 control images, got {len(item.control)}")
         vae = encoders.vae
