@@ -86,7 +86,10 @@ def files(tmp_path_factory):
     t5 = ["--t5", str(enc["t5"]), "--t5_tokenizer", str(enc["tokenizer"]), "--text_encoder_dtype", "float32"]
     assert run(wan_cache_latents.main, ["--dataset_config", str(toml), *vae]) == 0
     assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(toml), *t5]) == 0
+    start = root / "start.png"
+    Image.fromarray(moving_clip(32, 1, "square", COLORS["blue"], 0.0)[0]).save(start)
     return {"root": root, "dit": fc["dit"], "vae_file": fc["vae"], "toml": toml, "vae": vae, "t5": t5,
+            "clip": enc["clip"], "start": start,
             "control": control_video, "other_control": other_control, "control_frames": controls / "blue_square"}
 
 
@@ -132,6 +135,22 @@ def test_fun_control_training_learns_and_generation_follows_the_control(files, t
     c = generate(4, files["other_control"], tmp_path / "c")
     assert a.shape == (16, 2, 4, 4) and torch.equal(a, b)
     assert not torch.equal(a, c)  # the control video steers the result
+
+
+def test_i2v_fun_control_generates_from_a_start_image_and_a_control(files, tmp_path):
+    def generate(image, folder):
+        argv = ["--task", "i2v-14B-FC", "--dit", str(files["dit"]), *files["vae"], *files["t5"], "--clip",
+                str(files["clip"]), "--image_path", str(image), "--control_path", str(files["control"]), "--prompt",
+                "a blue square moving", "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2",
+                "--seed", "7", "--save_path", str(folder), "--output_type", "latent"]
+        assert run(wan_generate_video.main, argv) == 0
+        (latent,) = folder.glob("*_latent.safetensors")
+        return load_file(str(latent))["latent"]
+
+    a, b = generate(files["start"], tmp_path / "a"), generate(files["start"], tmp_path / "b")
+    other = tmp_path / "other.png"
+    Image.fromarray(moving_clip(32, 1, "circle", COLORS["red"], 2.0)[0]).save(other)
+    assert torch.equal(a, b) and not torch.equal(a, generate(other, tmp_path / "c"))  # the start image counts
 
 
 @pytest.mark.parametrize("extra, frames, needle", [
