@@ -172,30 +172,9 @@ class WanArchitecture(Architecture):
 
     def check_request_options(self, request: Any, args: argparse.Namespace | None) -> None:
         task = getattr(args, "task", None)
-        if fun_control.is_fun_control(task) and not request.control_path:
-            raise UserError(f"--task {task} (Fun-Control) needs a control video: --control_path (--cn in a prompt "
-                            "line), a video file or a folder of frames")
-        if request.control_path and not fun_control.is_fun_control(task):
-            raise UserError(f"--control_path/--cn needs a Fun-Control --task ({', '.join(fun_control.FC_TASKS)}), "
-                            f"not {task}")
-        if request.control_path and request.frames:
-            fun_control.check_control_length(request.control_path, request.frames)
-        trains_one_frame = getattr(args, "one_frame", None)  # only the training flags carry --one_frame
-        if trains_one_frame is not None and trains_one_frame != bool(request.one_frame):
-            raise UserError("sample prompts of a --one_frame training run need --of (e.g. --of target_index=1,"
-                            "control_index=0 --ci control.png), and --of needs --one_frame" if trains_one_frame else
-                            "--of (one-frame inference) in a sample prompt needs --one_frame in the training flags")
-        if request.one_frame:
-            layout = one_frame.parse_one_frame_options(request.one_frame)
-            if task not in I2V_TASKS:
-                raise UserError(f"one-frame inference needs --task i2v-14B or flf2v-14B, not {task}")
-            if len(request.control_image_paths) != len(layout.control_indices):
-                raise UserError(f"one-frame inference {request.one_frame!r} has {len(layout.control_indices)} "
-                                f"control_index value(s) but {len(request.control_image_paths)} control image(s) "
-                                "(--control_image_path / --ci); give one image per index")
-        elif request.control_image_paths:
-            raise UserError("--control_image_path/--ci is for one-frame inference: add --one_frame_inference "
-                            "(--of), e.g. target_index=1,control_index=0")
+        fun_control.check_request(request, task)
+        # only the training flags carry --one_frame (samples during training); None for the generate script
+        one_frame.check_request(request, task, I2V_TASKS, getattr(args, "one_frame", None))
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:

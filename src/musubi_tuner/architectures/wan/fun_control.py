@@ -33,6 +33,17 @@ def is_fun_control(task: str | None) -> bool:
     return task in FC_TASKS
 
 
+def check_request(request: Any, task: str | None) -> None:
+    """A request's control video fits the task: Fun-Control tasks need one with enough frames, others take none."""
+    if is_fun_control(task) and not request.control_path:
+        raise UserError(f"--task {task} (Fun-Control) needs a control video: --control_path (--cn in a prompt "
+                        "line), a video file or a folder of frames")
+    if request.control_path and not is_fun_control(task):
+        raise UserError(f"--control_path/--cn needs a Fun-Control --task ({', '.join(FC_TASKS)}), not {task}")
+    if request.control_path and request.frames:
+        check_control_length(request.control_path, request.frames)
+
+
 def control_condition(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The 32 conditioning channels after the noisy latents: control latents, then image latents (or zeros)."""
     if "latents_control" not in batch:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -70,6 +70,27 @@ def parse_one_frame_options(text: str, flag: str = "--one_frame_inference") -> F
         raise UserError(f"{flag} {text!r}: at most {MAX_CONTROL_IMAGES} control indices (start, or start and end "
                         f"image), got {len(controls)}")
     return layout
+
+
+def check_request(request: Any, task: str | None, one_frame_tasks: tuple[str, ...],
+                  trains_one_frame: bool | None) -> None:
+    """A request's one-frame options (`--of`, `--ci`) fit the flags. trains_one_frame: the training flag --one_frame
+    (samples during training), None for the generate script."""
+    if trains_one_frame is not None and trains_one_frame != bool(request.one_frame):
+        raise UserError("sample prompts of a --one_frame training run need --of (e.g. --of target_index=1,"
+                        "control_index=0 --ci control.png), and --of needs --one_frame" if trains_one_frame else
+                        "--of (one-frame inference) in a sample prompt needs --one_frame in the training flags")
+    if request.one_frame:
+        layout = parse_one_frame_options(request.one_frame)
+        if task not in one_frame_tasks:
+            raise UserError(f"one-frame inference needs --task {' or '.join(one_frame_tasks)}, not {task}")
+        if len(request.control_image_paths) != len(layout.control_indices):
+            raise UserError(f"one-frame inference {request.one_frame!r} has {len(layout.control_indices)} "
+                            f"control_index value(s) but {len(request.control_image_paths)} control image(s) "
+                            "(--control_image_path / --ci); give one image per index")
+    elif request.control_image_paths:
+        raise UserError("--control_image_path/--ci is for one-frame inference: add --one_frame_inference "
+                        "(--of), e.g. target_index=1,control_index=0")
 
 
 def dataset_layout(clean_indices: tuple[int, ...] | None, target_index: int | None) -> FrameLayout:
