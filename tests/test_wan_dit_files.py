@@ -102,8 +102,9 @@ def test_every_tiny_linear_has_an_original_name_in_the_file_layout():
 def test_task_and_config_inferred_from_real_size_weights(task, prefix):
     shapes = {prefix + k: v for k, v in real_original_shapes(task).items()}
     detected, config = infer_wan_config(shapes)
-    # T2I-14B and each Wan2.2 T2V-A14B expert have the T2V-14B shapes
-    assert detected == ("t2v-14B" if task in ("t2i-14B", "t2v-A14B") else task)
+    same_weights = {"t2i-14B": "t2v-14B", "i2v-14B-FC": "t2v-14B-FC",  # one file, two tasks
+                    "t2v-A14B": "t2v-14B"}  # each Wan2.2 T2V-A14B expert has the T2V-14B shapes
+    assert detected == same_weights.get(task, task)
     assert config == get_wan_task(task).diffusers_config()
     check_task_matches(task, detected, config, "f.safetensors")  # accepted
 
@@ -151,7 +152,6 @@ def _patched(task, **shapes):
 
 @pytest.mark.parametrize("shapes, needle", [
     (lambda: _patched("t2v-1.3B", **{"patch_embedding.weight": (3072, 48, 1, 2, 2)}), "Wan2.2 TI2V-5B"),
-    (lambda: _patched("i2v-14B", **{"patch_embedding.weight": (5120, 48, 1, 2, 2)}), "Fun-Control"),
     (lambda: _patched("t2v-1.3B", **{"vace_blocks.0.after_proj.weight": (1536, 1536)}), "VACE"),
     (lambda: _patched("t2v-14B", **{"blocks.0.self_attn.q.scale_weight": (1,)}), "scaled-fp8"),
 ])
@@ -160,12 +160,25 @@ def test_out_of_scope_wan_variants_are_named(shapes, needle):
         infer_wan_config(shapes())
 
 
+def test_fun_control_files_are_recognised_and_fit_their_three_tasks():
+    # Fun-Control: 48 input channels (16 noisy + 16 control + 16 image latents) and the CLIP image branch
+    detected, config = infer_wan_config(_patched("i2v-14B", **{"patch_embedding.weight": (5120, 48, 1, 2, 2)}))
+    assert detected == "t2v-14B-FC" and config["in_channels"] == 48 and config["image_dim"] == 1280
+    for task in ("t2v-14B-FC", "i2v-14B-FC"):  # one 14B file serves both
+        check_task_matches(task, detected, config, "fc.safetensors")
+    with pytest.raises(CheckpointError, match="--task i2v-14B needs a 14B I2V DiT"):
+        check_task_matches("i2v-14B", detected, config, "fc.safetensors")
+    small, small_config = infer_wan_config(real_original_shapes("t2v-1.3B-FC"))
+    assert small == "t2v-1.3B-FC" and small_config["in_channels"] == 48
+    with pytest.raises(CheckpointError, match="pass --task t2v-1.3B-FC"):
+        check_task_matches("t2v-1.3B", small, small_config, "fc13.safetensors")
+
+
 def test_unsupported_and_unknown_task_values():
     with pytest.raises(UserError, match=r"ti2v-5B \(Wan2.2 TI2V-5B\) is not supported.*t2v-1.3B, t2v-14B"):
         get_wan_task("ti2v-5B")
-    with pytest.raises(UserError, match="i2v-14B-FC.*Fun-Control"):
-        get_wan_task("i2v-14B-FC")
-    choices = "t2v-1.3B, t2v-14B, i2v-14B, t2i-14B, flf2v-14B, t2v-A14B, i2v-A14B"
+    choices = ("t2v-1.3B, t2v-14B, i2v-14B, t2i-14B, flf2v-14B, t2v-A14B, i2v-A14B, t2v-1.3B-FC, t2v-14B-FC, "
+               "i2v-14B-FC")
     with pytest.raises(UserError, match=rf"unknown --task 'x2v'; choose one of: {choices}"):
         get_wan_task("x2v")
 

@@ -26,7 +26,7 @@ from musubi_tuner.training.state import TrainProgress
 from musubi_tuner.utils.atomic import save_safetensors_atomic
 
 WAN = get_architecture("wan")
-TASKS = ("t2v-1.3B", "i2v-14B", "flf2v-14B")
+TASKS = ("t2v-1.3B", "i2v-14B", "flf2v-14B", "t2v-1.3B-FC")
 PER_BLOCK_T2V = {"self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                  "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"}
 PER_BLOCK_I2V = PER_BLOCK_T2V | {"cross_attn.k_img", "cross_attn.v_img"}
@@ -44,7 +44,8 @@ def _randomize_ups(network, seed=1):
 def _inputs(task, batch=1, seed=3):
     generator = torch.Generator().manual_seed(seed)
     image = task != "t2v-1.3B"
-    out = {"hidden_states": torch.randn(batch, 36 if image else 16, 2, 4, 4, generator=generator),
+    channels = get_wan_task(task).in_dim
+    out = {"hidden_states": torch.randn(batch, channels, 2, 4, 4, generator=generator),
            "timestep": torch.tensor([417.0] * batch),
            "encoder_hidden_states": torch.randn(batch, 512, 32, generator=generator)}
     if image:
@@ -124,7 +125,7 @@ def comfy_unconsumed_keys(lora_sd, original_weight_keys):
     return [k for k in lora_sd if not any(k.startswith(p) and k[len(p):] in suffixes for p in prefixes)]
 
 
-@pytest.mark.parametrize("task", ("t2v-1.3B", "i2v-14B"))
+@pytest.mark.parametrize("task", ("t2v-1.3B", "i2v-14B", "t2v-1.3B-FC"))
 def test_trainer_saved_lora_is_fully_consumed_by_comfyui(task, tmp_path):
     dit = make_tiny_dit(task)
     network, path = _trainer_lora_file(tmp_path, task, dit, "--save_precision", "bf16")
@@ -133,7 +134,7 @@ def test_trainer_saved_lora_is_fully_consumed_by_comfyui(task, tmp_path):
     assert written["lora_unet_blocks_0_self_attn_q.lora_down.weight"].dtype == torch.bfloat16
     assert metadata["ss_network_module"] == "networks.lora_wan" and metadata["ss_network_dim"] == "4"
     assert comfy_unconsumed_keys(written, wan_dit_to_original(dit.state_dict())) == []
-    if task == "i2v-14B":
+    if task != "t2v-1.3B":  # I2V and Fun-Control DiTs have the CLIP image branch
         assert "lora_unet_blocks_1_cross_attn_k_img.lora_up.weight" in written
     # the resolved weight has the shape the LoRA delta needs
     shapes = {k: tuple(v.shape) for k, v in wan_dit_to_original(dit.state_dict()).items()}
@@ -305,8 +306,9 @@ def _expected_weight(weight, sd, name, multiplier=1.0):
 NAMES = ("blocks.0.self_attn.q", "blocks.1.cross_attn.k_img", "blocks.1.ffn.0")
 
 
-def test_reference_layout_loads_for_inference_exactly(tmp_path):
-    dit = make_tiny_dit("i2v-14B")
+@pytest.mark.parametrize("task", ("i2v-14B", "t2v-1.3B-FC"))
+def test_reference_layout_loads_for_inference_exactly(task, tmp_path):
+    dit = make_tiny_dit(task)
     before = {k: v.clone() for k, v in dit.state_dict().items()}
     path, sd = _reference_layout_file(tmp_path, dit, NAMES)
     merge_loras_into_dit(WAN, dit, [str(path)], [1.0])

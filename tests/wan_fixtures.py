@@ -83,3 +83,32 @@ def make_cached_workspace(root: Path) -> WanWorkspace:
     assert run(wan_cache_latents.main, ["--dataset_config", str(ws.toml), *ws.vae_args, "--device", "cpu"]) == 0
     assert run(wan_cache_text_encoder_outputs.main, ["--dataset_config", str(ws.toml), *ws.t5_args, "--device", "cpu"]) == 0
     return ws
+
+
+def eval_flow_loss(dit_path: Path, lora_path: Path | None, caches: list[tuple[Path, Path]],
+                   timesteps: tuple[float, ...] = (0.3, 0.6, 0.9)) -> float:
+    """Flow-matching loss of DiT(+LoRA) over (latent cache, text cache) pairs at fixed timesteps and seeded noise;
+    every cached entry (control latents, one-frame layout ...) goes into the batch as training gives it."""
+    import torch
+
+    from musubi_tuner.architectures.wan import WanArchitecture
+    from musubi_tuner.architectures.wan.dit_files import load_wan_dit
+    from musubi_tuner.dataset.cache_files import read_cache
+    from musubi_tuner.inference.lora_merge import merge_loras_into_dit
+
+    arch = WanArchitecture()
+    dit = load_wan_dit(dit_path, dtype=torch.float32)
+    if lora_path is not None:
+        merge_loras_into_dit(arch, dit, [str(lora_path)], [1.0])
+    losses, gen = [], torch.Generator().manual_seed(0)
+    for latent_cache, text_cache in caches:
+        cache, _ = read_cache(latent_cache)
+        text, _ = read_cache(text_cache)
+        batch = {k: v[None] for k, v in cache.items()} | {"t5": [text["t5"]]}
+        x0 = batch["latents"].float()
+        for t in timesteps:
+            noise = torch.randn(x0.shape, generator=gen)
+            with torch.no_grad():
+                pred = arch.predict(dit, batch, (1 - t) * x0 + t * noise, torch.tensor([t * 1000.0]))
+            losses.append(torch.mean((pred - (noise - x0)) ** 2).item())
+    return sum(losses) / len(losses)

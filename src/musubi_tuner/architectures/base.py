@@ -227,6 +227,20 @@ class Architecture:
         expert); None (the default): `guidance_scale` at every step."""
         return None
 
+    def check_request_options(self, request: Any, args: argparse.Namespace | None) -> None:
+        """Raise UserError when a request's family-specific options cannot be used with these flags (checked for
+        every prompt line before any model loads; the caller adds where the request came from). Default: none."""
+
+    def generation_latent_shape(self, request: Any, args: argparse.Namespace) -> tuple[int, ...]:
+        """Shape (without batch) of the noise for one resolved request. Default: `latent_shape` of its size and
+        frames; Wan one-frame inference denoises one latent frame per control/target time position instead."""
+        return self.latent_shape(request.width, request.height, request.frames)
+
+    def generation_output_latents(self, latents: torch.Tensor, request: Any, args: argparse.Namespace) -> torch.Tensor:
+        """The part of the denoised latents (1, ...) that is decoded and saved. Default: all of them; Wan one-frame
+        inference keeps only the target frame."""
+        return latents
+
     def generation_conditioning(self, encoders: Any, request: Any, latent_shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
         """Extra batch entries for image/control conditioning (I2V image latents, Kontext control)."""
         return {}

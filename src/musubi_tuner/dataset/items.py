@@ -49,3 +49,8 @@ class ItemPixels:
     one-frame training masks the control latents with it); empty for videos."""
     mask: torch.Tensor | None = None
     """float32 (H, W) loss mask in [0, 1] at the bucket size, or None (dataset/masks.py)."""
+    clean_indices: tuple[int, ...] | None = None
+    """Image items: the dataset's `fp_1f_clean_indices` (time positions of the control images for one-frame
+    training caches); None when the key is not set."""
+    target_index: int | None = None
+    """Image items: the dataset's `fp_1f_target_index` (time position of the image itself); None when not set."""

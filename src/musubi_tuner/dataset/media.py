@@ -249,11 +249,11 @@ def load_item_pixels(item: Item, spec: DatasetSpec, *, bucket_step: int = 16) ->
         frames = [resize_to_bucket(load_image_rgb(item.media_path), item.bucket_size)]
         loaded = [_image_control(p, item, spec, bucket_step) for p in item.control_paths]
         control, alpha = [c for c, _ in loaded], [a for _, a in loaded]
-        return ItemPixels(pixels=_stack(frames), control=control, control_alpha=alpha)
-    else:
-        raw = decode_frames(item.media_path, item.frame_indices)
-        frames = [resize_to_bucket(f, item.bucket_size) for f in raw]
-        control = [_video_control(p, item) for p in item.control_paths]
+        return ItemPixels(pixels=_stack(frames), control=control, control_alpha=alpha,
+                          clean_indices=spec.fp_1f_clean_indices, target_index=spec.fp_1f_target_index)
+    raw = decode_frames(item.media_path, item.frame_indices)
+    frames = [resize_to_bucket(f, item.bucket_size) for f in raw]
+    control = [_video_control(p, item) for p in item.control_paths]
     return ItemPixels(pixels=_stack(frames), control=control)
 
 

@@ -75,7 +75,7 @@ def sample_solver_for(arch: Architecture, args: argparse.Namespace | None) -> st
 def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec: PromptSpec, cond: dict[str, Any],
            uncond: dict[str, Any] | None, settings: RenderSettings, args: argparse.Namespace) -> torch.Tensor:
     """Denoise one request; returns final latents (1, ...). `spec` must be resolved (no Nones)."""
-    shape = arch.latent_shape(spec.width, spec.height, spec.frames)
+    shape = arch.generation_latent_shape(spec, args)
     extras = arch.generation_conditioning(latent_encoders, spec, shape, args)
     cond = {**cond, **extras}
     uncond = {**uncond, **extras} if uncond is not None else None
@@ -101,9 +101,10 @@ def render(arch: Architecture, dit: torch.nn.Module, latent_encoders: Any, spec:
     dit.eval()
     try:
         guidance_scale = arch.guidance_schedule(args, spec.guidance_scale) or spec.guidance_scale
-        return denoise(predict, latents, scheduler, spec.steps, cond, uncond, guidance_scale,
-                       progress=settings.progress, start_step=start_step,
-                       guidance=arch.generation_guidance(args), skip_layers=arch.block_skipper(dit))
+        latents = denoise(predict, latents, scheduler, spec.steps, cond, uncond, guidance_scale,
+                          progress=settings.progress, start_step=start_step,
+                          guidance=arch.generation_guidance(args), skip_layers=arch.block_skipper(dit))
+        return arch.generation_output_latents(latents, spec, args)
     finally:
         dit.train(was_training)
 

@@ -27,6 +27,7 @@ def check_request(arch: Architecture, spec: PromptSpec, args: argparse.Namespace
     where = spec.source or "prompt"
     try:
         arch.check_request_size(resolved.width, resolved.height, resolved.frames, OPTION_OF_FIELD)
+        arch.check_request_options(resolved, args)
     except UserError as exc:
         raise PromptOptionError(f"{where}: {exc}") from None
     trim = getattr(args, "trim_tail_frames", 0)  # Wan's; checked here against each request's own frame count

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from musubi_tuner.architectures.base import Architecture, GenerationDefaults
+from musubi_tuner.architectures.wan import fun_control, one_frame
 from musubi_tuner.architectures.common import (  # noqa: F401 (re-exported for older imports)
     dit_compute_dtype,
     model_range_to_pixels,
@@ -30,10 +31,15 @@ logger = logging.getLogger(__name__)
 TEXT_LENGTH = 512
 """Wan pads every prompt to 512 tokens; diffusers' I2V attention relies on it (image tokens come after)."""
 
-TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B", "t2v-A14B", "i2v-A14B")
+TASKS = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B", "t2v-A14B", "i2v-A14B", *fun_control.FC_TASKS)
 I2V_TASKS = ("i2v-14B", "flf2v-14B", "i2v-A14B")
-CLIP_TASKS = ("i2v-14B", "flf2v-14B")
-"""I2V tasks whose DiT takes a CLIP image context (Wan2.2 I2V-A14B has none)."""
+"""Tasks whose DiT takes the start image's latents on its channels (I2V caches)."""
+CLIP_TASKS = ("i2v-14B", "flf2v-14B", *fun_control.I2V_FC_TASKS)
+"""Start-image tasks whose DiT takes a CLIP image context (Wan2.2 I2V-A14B has none)."""
+START_IMAGE_TASKS = (*I2V_TASKS, *fun_control.I2V_FC_TASKS)
+"""Tasks conditioned on a start image (--image_path to generate)."""
+ONE_FRAME_TASKS = ("i2v-14B", "flf2v-14B")
+"""Tasks whose DiT one-frame training and inference drive (the reference's Wan one-frame: Wan2.1 I2V/FLF2V)."""
 SIZE_FLAGS = {"height": "--video_size", "width": "--video_size", "frames": "--video_length"}
 
 @dataclass
@@ -58,10 +64,30 @@ def pad_text_embeddings(embeddings: list[torch.Tensor], length: int = TEXT_LENGT
     return out
 
 
+def _clip_rows(clip: torch.Tensor | None, dit: nn.Module, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """CLIP context as diffusers takes it: (B, N, D) for I2V; FLF2V wants the first/last image tokens as separate
+    rows, (2B, N, D), and re-joins them. One-frame caches hold one row per control image, (B, n, N, D)."""
+    if clip is None:
+        return None
+    clip = clip.to(device, dtype)
+    flf2v = bool(getattr(dit.config, "pos_embed_seq_len", None))
+    if clip.dim() == 4:  # one-frame: 1 control image -> I2V rows; 2 (start and end) -> FLF2V rows
+        if clip.shape[1] == 1:
+            return clip[:, 0]
+        if not flf2v:
+            raise UserError(f"one-frame items with {clip.shape[1]} control images need an FLF2V DiT (--task flf2v-14B); "
+                            "an I2V DiT takes one control image (fp_1f_clean_indices with one value)")
+        return clip.reshape(-1, *clip.shape[2:])
+    if flf2v:
+        return clip.reshape(clip.shape[0] * 2, clip.shape[1] // 2, clip.shape[2])
+    return clip
+
+
 class WanArchitecture(Architecture):
     name = "wan"
     script_prefix = "wan"
-    traits = DatasetTraits(cache_code="wan", architecture="wan", bucket_step=16, frame_stride=4, target_fps=16.0)
+    traits = DatasetTraits(cache_code="wan", architecture="wan", bucket_step=16, frame_stride=4, target_fps=16.0,
+                           control="optional")  # Fun-Control videos; one-frame control images
     network_module = "networks.lora_wan"
     modelspec_architecture = "wan2.1"
     # Reference default excludes (regex fullmatch on the original module path).
@@ -88,7 +114,23 @@ class WanArchitecture(Architecture):
                                 help="CLIP image encoder (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), I2V/FLF2V only")
         if purpose == "cache_latents":
             parser.add_argument("--i2v", action="store_true", help="also cache the first-frame conditioning for I2V training")
-            parser.add_argument("--one_frame", action="store_true", help="one-frame training caches (not supported yet)")
+            parser.add_argument("--one_frame", action="store_true",
+                                help="one-frame training caches: each image with its control images at the dataset's "
+                                     "fp_1f_clean_indices / fp_1f_target_index (needs --clip)")
+        if purpose == "train":
+            parser.add_argument("--one_frame", action="store_true",
+                                help="samples during training use one-frame inference: every prompt line gives --of "
+                                     "and its control images --ci")
+        if purpose == "generate":
+            parser.add_argument("--control_path", default=None,
+                                help="Fun-Control: control video, a video file or a folder of frames (at least "
+                                     "--video_length frames)")
+            parser.add_argument("--one_frame_inference", default=None,
+                                help="one-frame inference, e.g. target_index=1,control_index=0 (docs/wan.md)")
+            parser.add_argument("--control_image_path", nargs="*", default=None,
+                                help="one-frame inference: control images, one per control_index")
+            parser.add_argument("--control_image_mask_path", nargs="*", default=None,
+                                help="accepted for compatibility; Wan one-frame inference ignores masks, as the reference")
         if purpose == "generate":
             parser.add_argument("--video_size", type=positive_int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
                                 help="video height and width, multiples of 16 (default 480 832)")
@@ -112,8 +154,9 @@ class WanArchitecture(Architecture):
 
     def validate_arguments(self, args: argparse.Namespace, purpose: str) -> None:
         if purpose == "cache_latents":
-            if getattr(args, "one_frame", False):
-                raise UserError("--one_frame caching is not supported by this version; drop the flag")
+            if args.one_frame and args.clip is None:
+                raise UserError("--one_frame needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth "
+                                "(one-frame caches hold the CLIP context of the control images)")
             if args.clip is not None:
                 args.i2v = True
             elif args.i2v:  # as the reference: Wan2.2 I2V-A14B caches hold no CLIP context
@@ -122,6 +165,7 @@ class WanArchitecture(Architecture):
         if purpose == "generate":
             self._validate_generation_size(args)
             self._validate_generation_modes(args)
+            self._validate_control_flags(args)
         if purpose in ("train", "generate") and args.task in CLIP_TASKS and not args.clip:
             logger.info("--task %s without --clip: the CLIP context must come from the latent caches", args.task)
         wan22_experts.validate_expert_arguments(args, purpose)
@@ -151,7 +195,7 @@ class WanArchitecture(Architecture):
         if args.ckpt_dir:
             from musubi_tuner.architectures.wan.ckpt_dir import fill_from_ckpt_dir
 
-            fill_from_ckpt_dir(args, needs_clip=args.task in I2V_TASKS)
+            fill_from_ckpt_dir(args, needs_clip=args.task in CLIP_TASKS)
         check_video_to_video_flags(args, args.infer_steps or self.generation_defaults_for(args).infer_steps)
         slg = guidance_options_from_args(args, warn=True).slg
         if slg is not None and args.dit and not args.latent_path:  # layers beyond the DiT: say so before loading it
@@ -162,6 +206,17 @@ class WanArchitecture(Architecture):
             if beyond:
                 raise UserError(f"--slg_layers {','.join(map(str, beyond))}: --dit {args.dit} has blocks "
                                 f"0..{blocks - 1}")
+
+    def _validate_control_flags(self, args: argparse.Namespace) -> None:
+        if args.control_image_mask_path:
+            logger.warning("--control_image_mask_path has no effect: Wan one-frame inference ignores masks, as the "
+                           "reference does")
+
+    def check_request_options(self, request: Any, args: argparse.Namespace | None) -> None:
+        task = getattr(args, "task", None)
+        fun_control.check_request(request, task)
+        # only the training flags carry --one_frame (samples during training); None for the generate script
+        one_frame.check_request(request, task, ONE_FRAME_TASKS, getattr(args, "one_frame", None))
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -218,9 +273,13 @@ class WanArchitecture(Architecture):
             contents.add("latents_image")
         if getattr(args, "clip", None):
             contents.add("clip")
+        if getattr(args, "one_frame", False):  # validate_arguments: --one_frame comes with --clip
+            contents |= {"latents_image", "clip", "f_indices"}
         return contents
 
     def encode_latents(self, encoders: WanLatentEncoders, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+        if getattr(args, "one_frame", False):
+            return [self._one_frame_contents(encoders, item) for item in batch]
         vae = encoders.vae
         pixels = torch.stack([item.pixels for item in batch])
         video = pixels_to_model_range(pixels, vae.device, vae.dtype)
@@ -234,7 +293,42 @@ class WanArchitecture(Architecture):
                 clip_ctx = self._clip_context(encoders.clip, [pixels[:, 0]]).to(torch.float16).cpu()
                 for content, ctx in zip(contents, clip_ctx):
                     content["clip"] = ctx
+        if batch[0].control:  # Fun-Control: the control video of each item (the dataset's control_directory)
+            control = torch.stack([item.control[0] for item in batch])
+            control_latents = self._encode_video(vae, pixels_to_model_range(control, vae.device, vae.dtype))
+            for content, latent in zip(contents, control_latents.to(vae.dtype).cpu()):
+                content["latents_control"] = latent
         return contents
+
+    def _encode_image(self, vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (H, W, 3) -> (C, 1, h, w) latents of that one frame."""
+        return self._encode_video(vae, pixels_to_model_range(image[None, None], vae.device, vae.dtype))[0]
+
+    def _blank_latent(self, vae: nn.Module, height: int, width: int) -> torch.Tensor:
+        """Latents of the all-zero frame in model range (mid gray), which the reference calls its black image."""
+        return self._encode_image(vae, torch.full((height, width, 3), 127.5))
+
+    def _one_frame_contents(self, encoders: WanLatentEncoders, item: ItemPixels) -> dict[str, torch.Tensor]:
+        """One-frame training cache of an image item with its control images (docs of one_frame.py)."""
+        layout = one_frame.dataset_layout(item.clean_indices, item.target_index)
+        if item.pixels.shape[0] != 1:
+            raise UserError("--one_frame caches are made from image datasets (a target image with its control "
+                            "images); this dataset has video items: cache it without --one_frame")
+        if len(item.control) != len(layout.control_indices):
+            raise UserError(f"one-frame caching needs {len(layout.control_indices)} control image(s) per image "
+                            f"(fp_1f_clean_indices = {list(layout.control_indices)}), got {len(item.control)}: set "
+                            "control_directory in the dataset config (controls named like the images)")
+        if len(item.control) > one_frame.MAX_CONTROL_IMAGES:
+            raise UserError(f"one-frame training takes 1 or 2 control images, got {len(item.control)}")
+        vae = encoders.vae
+        controls = [self._encode_image(vae, c[0]) for c in item.control]
+        height, width = item.pixels.shape[1:3]
+        blank = self._blank_latent(vae, height, width)
+        dtype = vae.dtype
+        clip = torch.cat([self._clip_context(encoders.clip, [c[:1]]) for c in item.control]).to(torch.float16).cpu()
+        return {"latents": one_frame.training_latents(layout, controls, self._encode_image(vae, item.pixels[0])).to(dtype).cpu(),
+                "latents_image": one_frame.condition_latents(layout, controls, blank).to(dtype).cpu(),
+                "clip": clip, "f_indices": torch.tensor(layout.f_indices, dtype=torch.int32)}
 
     def decode_latents(self, encoders: WanLatentEncoders | nn.Module, latents: torch.Tensor) -> torch.Tensor:
         from musubi_tuner.architectures.wan.vae_files import denormalize_latents
@@ -304,12 +398,16 @@ class WanArchitecture(Architecture):
         if args.task == "flf2v-14B":
             raise UserError("--task flf2v-14B: FLF2V training needs first+last-frame caches, which this version does "
                             "not write; train --task i2v-14B (start-frame conditioning) or a T2V task")
-        if args.task not in I2V_TASKS:
-            return  # I2V caches also train T2V models: predict() ignores their image conditioning
         needed = ("latents_image", "clip") if args.task in CLIP_TASKS else ("latents_image",)
         rerun = ("--i2v --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth" if args.task in CLIP_TASKS
                  else "--i2v")
         for path, keys in latent_keys.items():
+            if fun_control.is_fun_control(args.task) and "latents_control" not in keys:
+                raise UserError(f"{path} has no latents_control: --task {args.task} (Fun-Control) needs control videos. "
+                                "Add control_directory to the dataset config and re-run wan_cache_latents.py (without "
+                                "--skip_existing)")
+            if args.task not in START_IMAGE_TASKS:
+                continue  # I2V caches also train T2V models: predict() ignores their image conditioning
             missing = [k for k in needed if k not in keys]
             if missing:
                 raise UserError(f"{path} has no {' / '.join(missing)}: --task {args.task} needs I2V caches. Re-run "
@@ -328,6 +426,12 @@ class WanArchitecture(Architecture):
             wan22_experts.timestep_boundary(args), uniform)
         return noisy_input_from_sample(latents, noise, sample)
 
+    def training_conditioning(self, args: argparse.Namespace) -> dict[str, Any]:
+        # Fun-Control: i2v-14B-FC trains on the start frame's latents and CLIP context, the T2V tasks on zeros
+        if not fun_control.is_fun_control(args.task):
+            return {}
+        return {fun_control.USES_START_IMAGE: args.task in START_IMAGE_TASKS}
+
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         pair = wan22_experts.expert_pair(dit)
         if pair is not None:  # Wan2.2 with --dit_high_noise: each sample through its expert
@@ -340,21 +444,22 @@ class WanArchitecture(Architecture):
         device = noisy_latents.device
         context = pad_text_embeddings([t.to(device) for t in batch["t5"]]).to(dtype)
         hidden = noisy_latents
-        image_model = dit.config.in_channels > noisy_latents.shape[1]  # I2V/FLF2V DiTs take 16 + 20 channels
-        if image_model:
+        in_channels = dit.config.in_channels
+        if in_channels == fun_control.FC_IN_CHANNELS:  # 16 noisy + 16 control + 16 image latents
+            hidden = torch.cat([hidden, fun_control.control_condition(batch, device, hidden.dtype)], dim=1)
+            clip = fun_control.clip_context(batch, hidden.shape[0], dit.config.image_dim, device, dtype)
+        elif in_channels > noisy_latents.shape[1]:  # I2V/FLF2V DiTs take 16 + 20 channels
             if "latents_image" not in batch:
                 raise UserError("this DiT is an I2V/FLF2V model but the batch has no image conditioning; use I2V "
                                 "caches (wan_cache_latents.py --i2v --clip ...) or a start image (--image_path)")
             hidden = torch.cat([hidden, batch["latents_image"].to(device, hidden.dtype)], dim=1)
-        # T2V models ignore I2V caches' image conditioning; Wan2.2 I2V has no CLIP branch (config image_dim None)
-        clip = batch.get("clip") if image_model and dit.config.image_dim else None
-        if clip is not None:
-            clip = clip.to(device, dtype)
-            if getattr(dit.config, "pos_embed_seq_len", None):
-                # FLF2V: diffusers wants first/last image tokens as separate rows, (2B, N, D), and re-joins them
-                clip = clip.reshape(clip.shape[0] * 2, clip.shape[1] // 2, clip.shape[2])
-        out = dit(hidden_states=hidden.to(dtype), timestep=timesteps.to(device), encoder_hidden_states=context,
-                  encoder_hidden_states_image=clip, return_dict=False)[0]
+            # Wan2.2 I2V has no CLIP branch (config image_dim None): its image reaches the DiT through the latents only
+            clip = _clip_rows(batch.get("clip"), dit, device, dtype) if dit.config.image_dim else None
+        else:
+            clip = None  # T2V models ignore I2V caches' image conditioning
+        with one_frame.rope_time_positions(dit, one_frame.batch_frame_indices(batch.get("f_indices"))):
+            out = dit(hidden_states=hidden.to(dtype), timestep=timesteps.to(device), encoder_hidden_states=context,
+                      encoder_hidden_states_image=clip, return_dict=False)[0]
         return out.to(noisy_latents.dtype)
 
     # ---- generation --------------------------------------------------------------------------------
@@ -389,18 +494,37 @@ class WanArchitecture(Architecture):
     def prompt_spec_from_args(self, args: argparse.Namespace):
         from musubi_tuner.architectures.common import video_prompt_spec
 
-        return video_prompt_spec(args, end_image_path=args.end_image_path)
+        return video_prompt_spec(args, end_image_path=args.end_image_path, control_path=args.control_path,
+                                 one_frame=args.one_frame_inference,
+                                 control_image_paths=list(args.control_image_path or []),
+                                 control_image_mask_paths=list(args.control_image_mask_path or []))
+
+    def generation_latent_shape(self, request: Any, args: argparse.Namespace) -> tuple[int, ...]:
+        shape = self.latent_shape(request.width, request.height, request.frames)
+        if request.one_frame:  # one latent frame per control image and one for the target
+            return (shape[0], len(one_frame.parse_one_frame_options(request.one_frame).f_indices), *shape[2:])
+        return shape
+
+    def generation_output_latents(self, latents: torch.Tensor, request: Any, args: argparse.Namespace) -> torch.Tensor:
+        if request.one_frame:  # only the target frame is the result
+            position = one_frame.parse_one_frame_options(request.one_frame).target_position
+            return latents[:, :, position:position + 1]
+        return latents
 
     def generation_conditioning(self, encoders: WanLatentEncoders, request: Any, latent_shape: tuple[int, ...],
                                 args: argparse.Namespace) -> dict[str, Any]:
-        """I2V (`image_path`) and FLF2V (`end_image_path`): mask+image latents and CLIP context."""
+        """I2V (`image_path`) and FLF2V (`end_image_path`): mask+image latents and CLIP context; Fun-Control: the
+        control video's latents; one-frame inference: the control images' conditioning and frame positions."""
         image_path = getattr(request, "image_path", None)
         end_path = getattr(request, "end_image_path", None)
+        extras = self._fun_control_conditioning(encoders, request, latent_shape, args)
         if image_path is None and end_path is None:
-            if args.task in I2V_TASKS:
+            if args.task in START_IMAGE_TASKS:
                 raise UserError(f"--task {args.task} needs --image_path (the start image)")
-            return {}
-        if args.task not in I2V_TASKS:
+            return extras
+        if fun_control.is_fun_control(args.task) and end_path is not None:
+            raise UserError("--end_image_path is not supported with Fun-Control tasks by this version; drop it")
+        if args.task not in START_IMAGE_TASKS:
             raise UserError(f"--image_path/--end_image_path need an I2V/FLF2V --task, not {args.task}")
         if encoders.clip is None and args.task in CLIP_TASKS:
             raise UserError(f"--task {args.task} needs --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
@@ -411,13 +535,39 @@ class WanArchitecture(Architecture):
         first = load_image_resized(image_path, width, height)
         last = load_image_resized(end_path, width, height, flag="--end_image_path") if end_path else None
         vae = encoders.vae
+        if args.task in CLIP_TASKS:  # Wan2.2 I2V: the image reaches the DiT through its latents only
+            images = [first[None]] + ([last[None]] if last is not None else [])
+            extras["clip"] = self._clip_context(encoders.clip, images)
+        if request.one_frame:
+            return {**extras, **self._one_frame_conditioning(vae, request, height, width)}
         first_v = pixels_to_model_range(first[None, None], vae.device, vae.dtype)
         last_v = pixels_to_model_range(last[None, None], vae.device, vae.dtype) if last is not None else None
-        y = self.image_condition_latents(vae, first_v, last_v, frames)
-        if args.task not in CLIP_TASKS:  # Wan2.2 I2V: the image reaches the DiT through its latents only
-            return {"latents_image": y}
-        images = [first[None]] + ([last[None]] if last is not None else [])
-        return {"latents_image": y, "clip": self._clip_context(encoders.clip, images)}
+        extras["latents_image"] = self.image_condition_latents(vae, first_v, last_v, frames)
+        return extras
+
+    def _fun_control_conditioning(self, encoders: WanLatentEncoders, request: Any, latent_shape: tuple[int, ...],
+                                  args: argparse.Namespace) -> dict[str, Any]:
+        """Fun-Control: the control video's latents (and whether the start image is used); {} for other tasks."""
+        if not fun_control.is_fun_control(args.task):
+            return {}
+        if not request.control_path:
+            raise UserError(f"--task {args.task} (Fun-Control) needs --control_path (or --cn in the prompt line)")
+        height, width = latent_shape[-2] * 8, latent_shape[-1] * 8
+        frames = (latent_shape[1] - 1) * 4 + 1
+        control = fun_control.load_control_frames(request.control_path, frames, width, height)
+        vae = encoders.vae
+        latents = self._encode_video(vae, pixels_to_model_range(control[None], vae.device, vae.dtype))
+        return {"latents_control": latents, fun_control.USES_START_IMAGE: args.task in START_IMAGE_TASKS}
+
+    def _one_frame_conditioning(self, vae: nn.Module, request: Any, height: int, width: int) -> dict[str, Any]:
+        """One-frame inference: control images at their time positions, the target frame blank (one_frame.py)."""
+        from musubi_tuner.inference.images import load_image_resized
+
+        layout = one_frame.parse_one_frame_options(request.one_frame)
+        controls = [self._encode_image(vae, load_image_resized(path, width, height, flag="--control_image_path"))
+                    for path in request.control_image_paths]
+        y = one_frame.condition_latents(layout, controls, self._blank_latent(vae, height, width))
+        return {"latents_image": y[None], "f_indices": torch.tensor([layout.f_indices])}
 
     def guidance_schedule(self, args: argparse.Namespace | None, guidance_scale: float) -> Callable[[float], float] | None:
         return wan22_experts.guidance_schedule(args, guidance_scale)

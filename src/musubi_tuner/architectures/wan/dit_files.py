@@ -55,12 +55,13 @@ class WanTask:
     num_heads: int
     mode: str
     """Which weights: `t2v` (16 input channels), `i2v` (36 + CLIP image branch), `flf2v` (i2v + `emb_pos`),
-    `i2v_noclip` (36 channels, no image branch: each Wan2.2 I2V-A14B expert)."""
+    `i2v_noclip` (36 channels, no image branch: each Wan2.2 I2V-A14B expert), `fc` (Fun-Control: 48 input channels +
+    CLIP image branch, for its T2V and I2V tasks alike)."""
     example_file: str
 
     @property
     def in_dim(self) -> int:
-        return 16 if self.mode == "t2v" else 36
+        return MODE_IN_DIM[self.mode]
 
     @property
     def has_image_branch(self) -> bool:
@@ -89,17 +90,23 @@ WAN_TASKS: dict[str, WanTask] = {
         # Wan2.2 A14B: two experts per task, each shaped as the Wan2.1 14B DiT; I2V has no CLIP image branch
         WanTask("t2v-A14B", **_14B, mode="t2v", example_file="wan2.2_t2v_low_noise_14B_fp16.safetensors"),
         WanTask("i2v-A14B", **_14B, mode="i2v_noclip", example_file="wan2.2_i2v_low_noise_14B_fp16.safetensors"),
+        # Fun-Control (alibaba-pai Wan2.1-Fun-Control): one 14B file serves both of its 14B tasks
+        WanTask("t2v-1.3B-FC", 1536, 30, 8960, 12, "fc", "Wan2.1-Fun-1.3B-Control diffusion_pytorch_model.safetensors"),
+        WanTask("t2v-14B-FC", **_14B, mode="fc", example_file="Wan2.1-Fun-14B-Control diffusion_pytorch_model.safetensors"),
+        WanTask("i2v-14B-FC", **_14B, mode="fc", example_file="Wan2.1-Fun-14B-Control diffusion_pytorch_model.safetensors"),
     )
 }
+MODE_IN_DIM = {"t2v": 16, "i2v": 36, "flf2v": 36, "i2v_noclip": 36, "fc": 48}
+"""DiT input channels per mode: 16 noisy latents + 20 (I2V: 4 mask + 16 image) or 32 (FC: 16 control + 16 image)."""
 UNSUPPORTED_TASKS = {
-    "t2v-1.3B-FC": "Wan2.1 Fun-Control", "t2v-14B-FC": "Wan2.1 Fun-Control", "i2v-14B-FC": "Wan2.1 Fun-Control",
     "ti2v-5B": "Wan2.2 TI2V-5B",
 }
 CLIP_IMAGE_DIM = 1280
 CLIP_IMAGE_TOKENS = 257
 _PUBLISHED_WIDTHS = {1536, 5120}
-IMAGE_BRANCH_MODES = ("i2v", "flf2v")
-MODE_LABELS = {"t2v": "T2V", "i2v": "I2V", "flf2v": "FLF2V", "i2v_noclip": "I2V (no CLIP branch, Wan2.2)"}
+IMAGE_BRANCH_MODES = ("i2v", "flf2v", "fc")
+MODE_LABELS = {"t2v": "T2V", "i2v": "I2V", "flf2v": "FLF2V", "i2v_noclip": "I2V (no CLIP branch, Wan2.2)",
+               "fc": "Fun-Control"}
 
 
 def get_wan_task(name: str) -> WanTask:
@@ -198,11 +205,11 @@ def _reject_variants(keys: set[str], in_dim: int, dim: int, has_image: bool, whe
         raise CheckpointError(f"{where} is a Wan VACE DiT, which is not supported; {hint}")
     if any(k.startswith(("motion_encoder.", "face_adapter.")) for k in keys):
         raise CheckpointError(f"{where} is a Wan2.2 Animate DiT, which is not supported; {hint}")
-    if in_dim == 48:
-        kind = "a Wan2.2 TI2V-5B DiT" if dim == 3072 else "a Wan2.1 Fun-Control (FC) DiT"
-        raise CheckpointError(f"{where} is {kind}, which is not supported; {hint}")
-    if in_dim not in (16, 36):
-        raise CheckpointError(f"{where} has {in_dim} input channels; Wan2.1 DiTs have 16 (T2V) or 36 (I2V); {hint}")
+    if in_dim == 48 and (dim == 3072 or not has_image):  # Fun-Control DiTs have 48 channels and the image branch
+        raise CheckpointError(f"{where} is a Wan2.2 TI2V-5B DiT, which is not supported; {hint}")
+    if in_dim not in (16, 36, 48):
+        raise CheckpointError(f"{where} has {in_dim} input channels; Wan DiTs have 16 (T2V), 36 (I2V) or 48 "
+                              f"(Fun-Control); {hint}")
 
 
 def _not_a_dit_error(keys: set[str], where: str, flag: str) -> CheckpointError:
@@ -237,7 +244,8 @@ def infer_wan_config(shapes: Mapping[str, Any], *, num_heads: int | None = None,
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
     has_image = "img_emb.proj.1.weight" in keys
     _reject_variants(keys, in_dim, dim, has_image, source)
-    mode = "flf2v" if "img_emb.emb_pos" in keys else "i2v" if has_image else "i2v_noclip" if in_dim == 36 else "t2v"
+    mode = ("flf2v" if "img_emb.emb_pos" in keys else "fc" if in_dim == 48 else "i2v" if has_image
+            else "i2v_noclip" if in_dim == 36 else "t2v")
     num_layers = 1 + max(int(m[1]) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k)))
     ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
     published = next((t for t in WAN_TASKS.values()

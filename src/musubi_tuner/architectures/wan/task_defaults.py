@@ -2,7 +2,8 @@
 
 - every task: CFG 5.0, 16 fps, UniPC, Wan's Chinese negative prompt;
 - T2V/T2I: 50 steps, flow shift 5.0; T2I makes one frame, the others 81;
-- I2V: 40 steps, flow shift 3.0 at 480p (832x480 either way round), else 5.0;
+- I2V (and the I2V Fun-Control task): 40 steps, flow shift 3.0 at 480p (832x480 either way round), else 5.0;
+- T2V Fun-Control tasks: as T2V;
 - FLF2V (a copy of the I2V config): 40 steps, flow shift 5.0 at every size (the 480p rule tests for "i2v" in
   the task name, which "flf2v" does not contain), and "镜头切换，" ("shot change,") before the negative prompt;
 - Wan2.2 A14B (its configs' `sample_steps`/`sample_shift`/`sample_guide_scale[0]`): 40 steps; T2V flow shift 12.0 and
@@ -37,6 +38,10 @@ TASK_DEFAULTS: dict[str, GenerationDefaults] = {
     "flf2v-14B": replace(BASE, infer_steps=40, negative_prompt=FLF2V_NEGATIVE_PREFIX + NEGATIVE_PROMPT),
     "t2v-A14B": replace(BASE, infer_steps=40, flow_shift=12.0, guidance_scale=3.0),
     "i2v-A14B": replace(BASE, infer_steps=40, flow_shift=5.0, guidance_scale=3.5),
+    # Fun-Control: copies of the T2V / I2V configs
+    "t2v-1.3B-FC": BASE,
+    "t2v-14B-FC": BASE,
+    "i2v-14B-FC": replace(BASE, infer_steps=40),
 }
 I2V_480P_FLOW_SHIFT = 3.0
 SIZES_480P = {(832, 480), (480, 832)}
@@ -46,6 +51,6 @@ def task_generation_defaults(task: str | None, width: int | None = None, height:
     """The defaults for `task` (None: the default task) at output size width x height (None: the default size)."""
     defaults = TASK_DEFAULTS[task or DEFAULT_TASK]
     size = (width or defaults.width, height or defaults.height)
-    if task == "i2v-14B" and size in SIZES_480P:
+    if task in ("i2v-14B", "i2v-14B-FC") and size in SIZES_480P:
         defaults = replace(defaults, flow_shift=I2V_480P_FLOW_SHIFT)
     return defaults

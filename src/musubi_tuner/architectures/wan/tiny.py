@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from musubi_tuner.architectures.wan.dit_files import _diffusers_config, get_wan_task, save_wan_dit_original
+from musubi_tuner.architectures.wan.dit_files import MODE_IN_DIM, _diffusers_config, get_wan_task, save_wan_dit_original
 from musubi_tuner.architectures.wan.vae_files import save_wan_vae_original
 
 TINY_TEXT_DIM = 32
@@ -29,7 +29,7 @@ sizes the FLF2V position embedding over the first and last frame."""
 def tiny_dit_config(task: str = "t2v-1.3B") -> dict[str, Any]:
     """`WanTransformer3DModel` config of the tiny preset for a `--task` (only its mode matters)."""
     mode = get_wan_task(task).mode
-    return _diffusers_config(dim=256, num_heads=2, num_layers=2, ffn_dim=64, in_dim=16 if mode == "t2v" else 36,
+    return _diffusers_config(dim=256, num_heads=2, num_layers=2, ffn_dim=64, in_dim=MODE_IN_DIM[mode],
                              mode=mode, text_dim=TINY_TEXT_DIM, freq_dim=32, image_dim=TINY_CLIP_DIM,
                              image_tokens=TINY_CLIP_TOKENS)
 
