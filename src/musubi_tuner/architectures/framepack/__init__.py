@@ -1,0 +1,1 @@
+"""FramePack (HunyuanVideo packed, I2V with history latents): model files, forward, LoRA names."""
