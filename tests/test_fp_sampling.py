@@ -4,7 +4,9 @@ prompt/image each section sees, and one-frame layouts."""
 import pytest
 import torch
 
-from fp_gen_fixtures import diffusers_forward, section_image, text_condition, tiny_fp_dit
+from fp_gen_fixtures import section_image, text_condition
+from musubi_tuner.architectures.framepack.packed_forward import packed_forward
+from musubi_tuner.architectures.framepack.tiny import tiny_framepack_dit
 from musubi_tuner.architectures.framepack import sampling
 from musubi_tuner.architectures.framepack.generation_sections import plan_sections
 from musubi_tuner.architectures.framepack.sampling import SamplerSettings, VideoRequest
@@ -32,7 +34,7 @@ def _request(sections, f1, prompts=None, images=None, end_latent=None):
 
 @pytest.fixture(scope="module")
 def dit():
-    return tiny_fp_dit()
+    return tiny_framepack_dit()
 
 
 def test_section_sigmas_follow_the_shift():
@@ -44,7 +46,7 @@ def test_section_sigmas_follow_the_shift():
 
 
 def test_vanilla_order_history_and_reproducibility(dit):
-    rec = Recorder(diffusers_forward)
+    rec = Recorder(packed_forward)
     end = torch.full((1, 16, 1, 4, 4), 0.5)
     req = _request(3, f1=False, end_latent=end)
     out = sampling.sample_vanilla(dit, req, SamplerSettings(**SETTINGS), torch.Generator().manual_seed(7), rec)
@@ -59,12 +61,12 @@ def test_vanilla_order_history_and_reproducibility(dit):
     # the second section sees the first one's first latent as its post latent
     assert torch.allclose(second["latents_clean"][:, :, 1:2], out[:, :, 1 + 2 * WINDOW:2 + 2 * WINDOW])
     again = sampling.sample_vanilla(dit, req, SamplerSettings(**SETTINGS), torch.Generator().manual_seed(7),
-                                    diffusers_forward)
+                                    packed_forward)
     assert torch.equal(out, again)
 
 
 def test_f1_runs_forward_from_the_start_image(dit):
-    rec = Recorder(diffusers_forward)
+    rec = Recorder(packed_forward)
     req = _request(2, f1=True)
     out = sampling.sample_f1(dit, req, SamplerSettings(**SETTINGS), torch.Generator().manual_seed(3), rec)
     assert out.shape == (1, 16, 1 + 2 * WINDOW, 4, 4)
@@ -81,7 +83,7 @@ def test_section_prompts_and_images_reach_their_sections(dit):
     seen = []
     req = _request(3, f1=False, prompts=prompts, images=images)
     req.on_section = lambda step, prompt: seen.append((step.section_index, prompt))
-    rec = Recorder(diffusers_forward)
+    rec = Recorder(packed_forward)
     sampling.sample_vanilla(dit, req, SamplerSettings(**SETTINGS), torch.Generator().manual_seed(0), rec)
     assert seen == [(2, "last"), (1, "one"), (0, "zero")]
     middle = rec.calls[SETTINGS["steps"]]
@@ -90,7 +92,7 @@ def test_section_prompts_and_images_reach_their_sections(dit):
 
 
 def test_cfg_runs_a_negative_pass_and_rescale_matches_std(dit):
-    rec = Recorder(diffusers_forward)
+    rec = Recorder(packed_forward)
     settings = SamplerSettings(**{**SETTINGS, "guidance_scale": 3.0, "guidance_rescale": 0.7})
     sampling.sample_f1(dit, _request(1, f1=True), settings, torch.Generator().manual_seed(0), rec)
     assert len(rec.calls) == 2 * SETTINGS["steps"]

@@ -10,12 +10,23 @@ of the control latents, in order; default 0 each, the zero post latent at window
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from musubi_tuner.architectures.framepack.generation_sections import HISTORY_2X, HISTORY_4X
-from musubi_tuner.architectures.framepack.sampling import LATENT_CHANNELS, SectionInputs
+from musubi_tuner.architectures.framepack.packed_forward import packed_forward
+from musubi_tuner.architectures.framepack.sampling import (
+    LATENT_CHANNELS,
+    ForwardFn,
+    SamplerSettings,
+    SectionImage,
+    SectionInputs,
+    TextCondition,
+    sample_section,
+    section_noise,
+)
 from musubi_tuner.errors import UserError
 
 FLAGS = ("no_2x", "no_4x", "no_post", "default")
@@ -101,3 +112,11 @@ def one_frame_inputs(options: OneFrameOptions, control_latents: list[torch.Tenso
         inputs.latents_clean_4x = zeros(HISTORY_4X)
         inputs.clean_latent_4x_indices = torch.arange(first_2x + HISTORY_2X, first_2x + HISTORY_2X + HISTORY_4X)
     return inputs
+
+
+def sample_one_frame(dit: torch.nn.Module, inputs: SectionInputs, prompt: TextCondition, negative: TextCondition,
+                     image: SectionImage, settings: SamplerSettings, generator: torch.Generator, height: int,
+                     width: int, forward: ForwardFn = packed_forward, magcache: Any = None) -> torch.Tensor:
+    """One latent frame (1, 16, 1, h, w) for pixel size height x width; the prompt and image are section 0's."""
+    noise = section_noise(generator, 1, height, width)
+    return sample_section(dit, noise, inputs, prompt, negative, image.image_embeddings, settings, forward, magcache)

@@ -1,9 +1,8 @@
 """FramePack sampling: one section with the reference's UniPC, the vanilla (inverted anti-drifting) and F1 (forward)
 section loops, and one-frame inference.
 
-The DiT is driven through `forward(dit, **packed_kwargs)` with the keyword names of
-`architectures.framepack.packed_forward.packed_forward` (the default), which returns the velocity for
-`hidden_states`. Latents here are the VAE's scaled latents (B, 16, T, H/8, W/8) in float32.
+The DiT is driven through `forward(dit, **kwargs)`, by default `packed_forward` (the velocity for `hidden_states`;
+tests pass a recording wrapper). Latents here are the VAE's scaled latents (B, 16, T, H/8, W/8) in float32.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from musubi_tuner.architectures.framepack.generation_sections import (
     section_frames,
     vanilla_indices,
 )
+from musubi_tuner.architectures.framepack.packed_forward import embedded_guidance, packed_forward
 from musubi_tuner.architectures.framepack.section_inputs import section_key
 from musubi_tuner.inference.schedulers import flux_mu, shift_sigmas
 from musubi_tuner.inference.unipc import sample_unipc
@@ -89,12 +89,6 @@ class SectionInputs:
         return out
 
 
-def default_forward(dit: torch.nn.Module, **kwargs: Any) -> torch.Tensor:
-    from musubi_tuner.architectures.framepack.packed_forward import packed_forward
-
-    return packed_forward(dit, **kwargs)
-
-
 def section_sigmas(steps: int, latent_frames: int, height: int, width: int, flow_shift: float | None) -> torch.Tensor:
     """linspace(1, 0, steps + 1) under the time shift exp(mu): mu = log(--flow_shift), or FLUX's line at the token
     count T*H*W/4 (latent units) capped at log(7)."""
@@ -123,12 +117,12 @@ def _text_kwargs(text: TextCondition, device: torch.device, dtype: torch.dtype) 
 
 def sample_section(dit: torch.nn.Module, noise: torch.Tensor, inputs: SectionInputs, positive: TextCondition,
                    negative: TextCondition, image_embeddings: torch.Tensor, settings: SamplerSettings,
-                   forward: ForwardFn = default_forward, magcache: "Any | None" = None) -> torch.Tensor:
+                   forward: ForwardFn = packed_forward, magcache: "Any | None" = None) -> torch.Tensor:
     """Denoise one section from `noise` (1, 16, T, h, w); returns the clean latents (float32)."""
     device, dtype = settings.device, settings.dtype
     _, _, frames, height, width = noise.shape
     sigmas = section_sigmas(settings.steps, frames, height, width, settings.flow_shift)
-    guidance = torch.full((noise.shape[0],), settings.embedded_cfg_scale * 1000.0, device=device, dtype=dtype)
+    guidance = embedded_guidance(settings.embedded_cfg_scale, noise.shape[0], device=device, dtype=dtype)
     shared = {**inputs.as_kwargs(device, dtype), "guidance": guidance,
               "image_embeddings": image_embeddings.to(device, dtype), "rope_scaling": settings.rope_scaling}
     passes = {"positive": {**shared, **_text_kwargs(positive, device, dtype)}}
@@ -195,7 +189,7 @@ def _empty_history(request: VideoRequest) -> torch.Tensor:
 
 
 def sample_vanilla(dit: torch.nn.Module, request: VideoRequest, settings: SamplerSettings, generator: torch.Generator,
-                   forward: ForwardFn = default_forward, magcache: Any = None) -> torch.Tensor:
+                   forward: ForwardFn = packed_forward, magcache: Any = None) -> torch.Tensor:
     """Inverted anti-drifting: sections from the end of the video back to the start image, each seeing the start
     image, the history already sampled after it, and (before any) the end image. Returns (1, 16, n*w+1, h, w)."""
     window = request.latent_window_size
@@ -221,7 +215,7 @@ def sample_vanilla(dit: torch.nn.Module, request: VideoRequest, settings: Sample
 
 
 def sample_f1(dit: torch.nn.Module, request: VideoRequest, settings: SamplerSettings, generator: torch.Generator,
-              forward: ForwardFn = default_forward, magcache: Any = None) -> torch.Tensor:
+              forward: ForwardFn = packed_forward, magcache: Any = None) -> torch.Tensor:
     """F1: sections forward from the start image, each seeing the start image and the most recent history at 1x,
     2x and 4x compression. Returns (1, 16, 1 + n*w, h, w)."""
     window = request.latent_window_size
