@@ -16,7 +16,8 @@ import torch
 from musubi_tuner.errors import CheckpointError
 from musubi_tuner.models.checkpoint_io import load_state_dict, shard_paths
 
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_INDEX_FILES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 
