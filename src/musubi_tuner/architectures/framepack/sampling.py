@@ -17,6 +17,7 @@ from musubi_tuner.architectures.framepack.generation_sections import (
     HISTORY_1X,
     HISTORY_2X,
     HISTORY_4X,
+    SectionIndices,
     SectionStep,
     f1_indices,
     section_frames,
@@ -183,6 +184,21 @@ def _conditions(request: VideoRequest, step: SectionStep) -> tuple[TextCondition
     return prompt, image
 
 
+def _sample_step(dit: torch.nn.Module, request: VideoRequest, step: SectionStep, idx: SectionIndices,
+                 history: tuple[torch.Tensor, torch.Tensor, torch.Tensor], settings: SamplerSettings,
+                 generator: torch.Generator, forward: ForwardFn, magcache: Any) -> tuple[torch.Tensor, SectionImage]:
+    """Sample one section of a video: the section's image and the 1x history latent as the clean latents, the 2x
+    and 4x history as they are. Returns (latents, the section's image)."""
+    prompt, image = _conditions(request, step)
+    x1, x2, x4 = history
+    inputs = SectionInputs(idx.latent, torch.cat([image.latent.to(x1), x1], dim=2), idx.clean,
+                           x2, idx.clean_2x, x4, idx.clean_4x)
+    noise = section_noise(generator, section_frames(request.latent_window_size), request.height, request.width)
+    latents = sample_section(dit, noise, inputs, prompt, request.negative, image.image_embeddings, settings,
+                             forward, magcache)
+    return latents, image
+
+
 def _empty_history(request: VideoRequest) -> torch.Tensor:
     size = HISTORY_1X + HISTORY_2X + HISTORY_4X
     return torch.zeros(1, LATENT_CHANNELS, size, request.height // 8, request.width // 8)
@@ -198,15 +214,10 @@ def sample_vanilla(dit: torch.nn.Module, request: VideoRequest, settings: Sample
         history[:, :, :1] = request.end_latent
     generated_frames = 0
     for step in request.plan:
-        prompt, image = _conditions(request, step)
-        idx = vanilla_indices(window, step.latent_padding)
         post, x2, x4 = history[:, :, : HISTORY_1X + HISTORY_2X + HISTORY_4X].split(
             [HISTORY_1X, HISTORY_2X, HISTORY_4X], dim=2)
-        inputs = SectionInputs(idx.latent, torch.cat([image.latent.to(history), post], dim=2), idx.clean,
-                               x2, idx.clean_2x, x4, idx.clean_4x)
-        noise = section_noise(generator, section_frames(window), request.height, request.width)
-        latents = sample_section(dit, noise, inputs, prompt, request.negative, image.image_embeddings, settings,
-                                 forward, magcache)
+        latents, image = _sample_step(dit, request, step, vanilla_indices(window, step.latent_padding), (post, x2, x4),
+                                      settings, generator, forward, magcache)
         if step.is_last_section:
             latents = torch.cat([image.latent.to(latents), latents], dim=2)
         generated_frames += latents.shape[2]
@@ -223,14 +234,9 @@ def sample_f1(dit: torch.nn.Module, request: VideoRequest, settings: SamplerSett
     generated_frames = 1
     idx = f1_indices(window)
     for step in request.plan:
-        prompt, image = _conditions(request, step)
         x4, x2, x1 = history[:, :, -(HISTORY_4X + HISTORY_2X + HISTORY_1X):].split(
             [HISTORY_4X, HISTORY_2X, HISTORY_1X], dim=2)
-        inputs = SectionInputs(idx.latent, torch.cat([image.latent.to(history), x1], dim=2), idx.clean,
-                               x2, idx.clean_2x, x4, idx.clean_4x)
-        noise = section_noise(generator, section_frames(window), request.height, request.width)
-        latents = sample_section(dit, noise, inputs, prompt, request.negative, image.image_embeddings, settings,
-                                 forward, magcache)
+        latents, _ = _sample_step(dit, request, step, idx, (x1, x2, x4), settings, generator, forward, magcache)
         generated_frames += latents.shape[2]
         history = torch.cat([history, latents], dim=2)
     return history[:, :, -generated_frames:]
