@@ -11,13 +11,14 @@ from musubi_tuner.errors import UserError
 _NETWORK_MODULES = {
     "networks.lora_wan": "musubi_tuner.networks.lora_wan",
     "networks.lora_flux": "musubi_tuner.networks.lora_flux",
+    "networks.lora_framepack": "musubi_tuner.networks.lora_framepack",
     # the reference's generic module; its target classes exist only in HunyuanVideo
     "networks.lora": "musubi_tuner.networks.lora_hunyuan_video",
     # LoHa / LoKr for every architecture (no ARCHITECTURE: the caller passes arch=)
     "networks.loha": "musubi_tuner.networks.loha",
     "networks.lokr": "musubi_tuner.networks.lokr",
 }
-_NOT_YET = ("networks.lora_framepack", "lycoris.kohya")
+_NOT_YET = ("lycoris.kohya",)
 
 
 def network_module_names() -> list[str]:
