@@ -114,10 +114,10 @@ def test_one_frame_with_alpha_masked_control_and_magcache(ws, tmp_path):
 
 def test_prompt_file_seconds_and_magcache_options(ws, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"a cat --f 0.5 --i {ws.start} --mck 2 --mct 0.5 --d 3\n")
+    prompts.write_text(f"a cat --f 0.2 --i {ws.start} --mck 2 --mct 0.5 --d 3\n")
     assert run(fpack_generate_video.main, ws.args(tmp_path / "file", "--from_file", str(prompts),
                                                   "--output_type", "latent")) == 0
-    assert _latent(tmp_path / "file").shape == (16, WINDOW + 1, 4, 4)  # 0.5 s -> one section
+    assert _latent(tmp_path / "file").shape == (16, WINDOW + 1, 4, 4)  # 0.2 s * 30 / (4 * 2) = 0.75 -> one section
 
 
 @pytest.mark.parametrize("extra,needle", [
