@@ -61,7 +61,7 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
     from musubi_tuner.networks.lora import create_network_from_weights
 
     for path, multiplier in zip(paths, _multipliers(paths, multipliers)):
-        sd = filter_lora_modules(load_finite_lora(path, flag), include, exclude)
+        sd = filter_lora_modules(arch.lora_state_dict_for_merge(load_finite_lora(path, flag)), include, exclude)
         if not sd:
             raise UserError(f"{flag} {path}: no module left after --include/--exclude_patterns")
         network = create_network_from_weights(arch, dit, sd, multiplier, source=f"{flag} {path}")
