@@ -134,3 +134,35 @@ def test_bad_flags_stop_before_any_model_loads(ws, tmp_path, extra, needle, caps
     args[args.index("--dit") + 1] = str(tmp_path / "no_dit.safetensors")  # never read: the flags fail first
     assert run(fpack_generate_video.main, args) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_hunyuan_video_lora_merges_converted_and_the_merged_model_gives_the_same_video(ws, tmp_path):
+    from safetensors.torch import save_file
+
+    from fused_lora_helpers import reference_lora
+    from musubi_tuner.architectures import get_architecture
+    from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_from_any
+    from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_dit
+
+    hv_targets = [t for t in get_architecture("hunyuan_video").lora_candidates(tiny_hv_dit())
+                  if "mod" not in t.original_name]
+    hv_sd = {k: v * 0.3 for k, v in reference_lora(hv_targets, rank=2, alpha=2.0, seed=4).items()}
+    save_file(hv_sd, tmp_path / "hv_lora.safetensors")
+    save_file(framepack_lora_from_any(hv_sd), tmp_path / "fp_lora.safetensors")
+    common = ["--prompt", "a red square", "--image_path", str(ws.start), "--video_sections", "1",
+              "--output_type", "latent"]
+    runs = {"none": [], "hv": ["--lora_weight", str(tmp_path / "hv_lora.safetensors")],
+            "fp": ["--lora_weight", str(tmp_path / "fp_lora.safetensors")]}
+    latents = {}
+    for name, extra in runs.items():
+        assert run(fpack_generate_video.main, ws.args(tmp_path / name, *common, *extra)) == 0, name
+        latents[name] = _latent(tmp_path / name)
+    assert torch.equal(latents["hv"], latents["fp"])  # converted on the fly = converted beforehand
+    assert not torch.allclose(latents["hv"], latents["none"])
+    merged = tmp_path / "merged.safetensors"
+    args = ws.args(tmp_path / "unused", *runs["hv"], "--save_merged_model", str(merged))
+    assert run(fpack_generate_video.main, args) == 0
+    with_merged = ws.args(tmp_path / "merged_run", *common)
+    with_merged[with_merged.index("--dit") + 1] = str(merged)
+    assert run(fpack_generate_video.main, with_merged) == 0
+    assert torch.allclose(_latent(tmp_path / "merged_run"), latents["hv"], atol=1e-5)
