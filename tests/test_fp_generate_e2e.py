@@ -166,3 +166,26 @@ def test_hunyuan_video_lora_merges_converted_and_the_merged_model_gives_the_same
     with_merged[with_merged.index("--dit") + 1] = str(merged)
     assert run(fpack_generate_video.main, with_merged) == 0
     assert torch.allclose(_latent(tmp_path / "merged_run"), latents["hv"], atol=1e-5)
+
+
+def test_one_frame_auto_resize_follows_the_control_aspect(ws, tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((32, 64, 3), 90, dtype=np.uint8)).save(wide)
+    args = ws.args(tmp_path / "auto", "--prompt", "x", "--image_path", str(ws.start), "--one_frame_inference",
+                   "no_2x,no_4x", "--control_image_path", str(wide), "--one_frame_auto_resize", "--output_type",
+                   "latent")
+    args[args.index("--video_size") + 1: args.index("--video_size") + 3] = ["64", "64"]
+    assert run(fpack_generate_video.main, args) == 0
+    # aspect 2 at the area of 64x64, widths 48..112 in steps of 16: 80x48 is the closest ratio
+    assert _latent(tmp_path / "auto").shape == (16, 1, 48 // 8, 80 // 8)
+
+
+def test_interactive_lines_are_rendered_and_a_bad_one_is_skipped(ws, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"a cat --f 0.2 --i {ws.start} --mck nope\n"
+                                                  f"a dog --f 0.2 --i {ws.start}\n"))
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "inter", "--interactive", "--output_type", "latent")) == 0
+    assert "--mck" in capsys.readouterr().err
+    assert _latent(tmp_path / "inter").shape == (16, WINDOW + 1, 4, 4)
