@@ -242,7 +242,11 @@ class FramePackSession(GenerationSession):
 
         one_frame = (spec.one_frame if spec is not None else self.args.one_frame_inference) is not None
         frames = None if self.args.output_type == "latent" else self.decode(latents, one_frame)
-        metadata = None if (self.args.no_metadata or spec is None) else generation_metadata(spec)
+        metadata = None
+        if not self.args.no_metadata and spec is not None:
+            metadata = {**generation_metadata(spec), "video_length": str(4 * (latents.shape[2] - 1) + 1),
+                        "latent_window_size": str(self.args.latent_window_size), "f1": str(self.args.f1),
+                        "one_frame": spec.one_frame or "", "embedded_cfg_scale": str(spec.embedded_guidance)}
         paths = write_outputs(self.args.output_type, frames, latents[0].cpu(), self.args.save_path,
                               spec.seed if spec else seed, self.args.fps, metadata)
         for path in paths:
