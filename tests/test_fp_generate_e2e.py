@@ -189,3 +189,12 @@ def test_interactive_lines_are_rendered_and_a_bad_one_is_skipped(ws, tmp_path, m
     assert run(fpack_generate_video.main, ws.args(tmp_path / "inter", "--interactive", "--output_type", "latent")) == 0
     assert "--mck" in capsys.readouterr().err
     assert _latent(tmp_path / "inter").shape == (16, WINDOW + 1, 4, 4)
+
+
+def test_custom_system_prompt_changes_the_conditioning(ws, tmp_path):
+    common = ["--prompt", "a red square", "--image_path", str(ws.start), "--video_sections", "1",
+              "--output_type", "latent"]
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "plain", *common)) == 0
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "custom", *common,
+                                                  "--custom_system_prompt", "Describe the cat.")) == 0
+    assert not torch.allclose(_latent(tmp_path / "plain"), _latent(tmp_path / "custom"))
