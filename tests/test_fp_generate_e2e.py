@@ -14,12 +14,18 @@ from safetensors.torch import load_file
 from wan_fixtures import run
 
 from musubi_tuner import fpack_generate_video
+from musubi_tuner.architectures import architecture_names
 from musubi_tuner.architectures.framepack.tiny import save_tiny_framepack
 from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
 from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
 from musubi_tuner.models.siglip_files import save_tiny_siglip
 
 WINDOW = 2  # 5 frames per section keeps the tiny runs short
+
+# the FramePack architecture (registry entry, loaders) comes from the fp-train branch; before that merge there is
+# nothing to run these against
+pytestmark = pytest.mark.skipif("framepack" not in architecture_names(),
+                                reason="the FramePack architecture is not registered on this branch yet")
 
 
 @dataclass
