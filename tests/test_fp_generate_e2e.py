@@ -133,10 +133,13 @@ def test_prompt_file_seconds_and_magcache_options(ws, tmp_path):
     (["--latent_paddings", "3,x"], "--latent_paddings"),
     (["--control_image_path", "START"], "--one_frame_inference"),
     (["--image_path", "0:START;;;1:missing.png"], "missing.png"),
+    (["NO_IMAGE_ENCODER"], "--image_encoder"),
 ])
 def test_bad_flags_stop_before_any_model_loads(ws, tmp_path, extra, needle, capsys):
     extra = [e.replace("END", str(ws.end)).replace("START", str(ws.start)) for e in extra]
-    args = ws.args(tmp_path / "bad", "--prompt", "x", *extra)
+    args = ws.args(tmp_path / "bad", "--prompt", "x", *[e for e in extra if e != "NO_IMAGE_ENCODER"])
+    if "NO_IMAGE_ENCODER" in extra:
+        del args[args.index("--image_encoder"): args.index("--image_encoder") + 2]
     args[args.index("--dit") + 1] = str(tmp_path / "no_dit.safetensors")  # never read: the flags fail first
     assert run(fpack_generate_video.main, args) == 2
     assert needle in capsys.readouterr().err

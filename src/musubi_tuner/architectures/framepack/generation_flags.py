@@ -82,6 +82,9 @@ def check_framepack_generation_arguments(args: argparse.Namespace) -> None:
     from musubi_tuner.architectures.framepack.magcache import parse_mag_ratios
     from musubi_tuner.architectures.framepack.one_frame import parse_one_frame_options
 
+    if not args.image_encoder and not args.save_merged_model:
+        raise UserError("--image_encoder is required: FramePack conditions every section on the SigLIP embedding of "
+                        "its image (sigclip_vision_patch14_384.safetensors)")
     if args.sample_solver not in (None, "unipc"):
         raise UserError(f"--sample_solver {args.sample_solver}: FramePack samples with unipc only (as the reference)")
     if args.latent_paddings is not None:
