@@ -146,9 +146,9 @@ def test_bad_flags_stop_before_any_model_loads(ws, tmp_path, extra, needle, caps
 
 
 def test_hunyuan_video_lora_merges_converted_and_the_merged_model_gives_the_same_video(ws, tmp_path):
+    from fused_lora_helpers import reference_lora
     from safetensors.torch import save_file
 
-    from fused_lora_helpers import reference_lora
     from musubi_tuner.architectures import get_architecture
     from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_from_any
     from musubi_tuner.architectures.hunyuan_video.tiny import tiny_hv_dit

@@ -34,7 +34,7 @@ def test_section_prompts_are_encoded_once_each_and_negative_is_zero_without_cfg(
 def test_negative_prompt_is_encoded_with_cfg():
     enc = CountingEncoder()
     spec = PromptSpec(prompt="a cat", negative_prompt="blurry", guidance_scale=4.0)
-    prompts, negative = encode_section_prompts(enc, None, spec)
+    _prompts, negative = encode_section_prompts(enc, None, spec)
     assert enc.texts == ["a cat", "blurry"] and negative.prompt == "blurry"
     assert negative.llama_vec[0, 0, 0].item() == 6.0
 

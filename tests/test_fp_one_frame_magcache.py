@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from fp_gen_fixtures import section_image, text_condition
+
 from musubi_tuner.architectures.framepack import one_frame
 from musubi_tuner.architectures.framepack.magcache import MagCache, parse_mag_ratios, resample_ratios
 from musubi_tuner.architectures.framepack.packed_forward import packed_forward

@@ -3,16 +3,16 @@ prompt/image each section sees, and one-frame layouts."""
 
 import pytest
 import torch
-
 from fp_gen_fixtures import section_image, text_condition
-from musubi_tuner.architectures.framepack.packed_forward import packed_forward
-from musubi_tuner.architectures.framepack.tiny import tiny_framepack_dit
+
 from musubi_tuner.architectures.framepack import sampling
 from musubi_tuner.architectures.framepack.generation_sections import plan_sections
+from musubi_tuner.architectures.framepack.packed_forward import packed_forward
 from musubi_tuner.architectures.framepack.sampling import SamplerSettings, VideoRequest
+from musubi_tuner.architectures.framepack.tiny import tiny_framepack_dit
 
 WINDOW = 3
-SETTINGS = dict(steps=3, dtype=torch.float32, progress=False)
+SETTINGS = {"steps": 3, "dtype": torch.float32, "progress": False}
 
 
 class Recorder:

@@ -91,7 +91,8 @@ def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[
     from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
 
     rename = rename or (lambda sd: sd)
-    loras = [filter_lora_modules(rename(load_finite_lora(path)), include, exclude) for path in lora_paths]  # before the DiT
+    # every LoRA is read (and checked) before the DiT
+    loras = [filter_lora_modules(rename(load_finite_lora(path)), include, exclude) for path in lora_paths]
     logger.info("loading %s", dit)
     base = load_state_dict(dit, flag="--dit")
     refuse_non_dit(dit, base.keys())

@@ -13,7 +13,7 @@ gives the same first-order step but different higher-order coefficients.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from musubi_tuner.architectures.framepack.section_inputs import parse_section_strings
 from musubi_tuner.errors import UserError
@@ -23,8 +24,13 @@ DEFAULT_MAGCACHE_K = 6
 
 
 def add_framepack_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    from musubi_tuner.utils.flag_types import finite_float, non_negative_float, non_negative_int, positive_float, \
-        positive_int
+    from musubi_tuner.utils.flag_types import (
+        finite_float,
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
 
     parser.add_argument("--video_size", type=positive_int, nargs=2, default=[256, 256], metavar=("HEIGHT", "WIDTH"),
                         help="video size, height and width (default 256 256)")

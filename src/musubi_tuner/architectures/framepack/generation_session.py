@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,7 +160,7 @@ class FramePackSession(GenerationSession):
         return width, height
 
     def generate(self, spec: PromptSpec, conditions: Conditions | None = None) -> list[Path]:
-        from musubi_tuner.architectures.framepack import one_frame, sampling
+        from musubi_tuner.architectures.framepack import one_frame
 
         prompts, negative = conditions or encode_section_prompts(self.arch, self.interactive_encoders(), spec,
                                                                  self.args.custom_system_prompt)

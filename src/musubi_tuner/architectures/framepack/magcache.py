@@ -14,9 +14,9 @@ the cached residual is added where the block output enters `norm_out`. The resid
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

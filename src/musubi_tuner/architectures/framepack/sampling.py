@@ -8,8 +8,9 @@ tests pass a recording wrapper). Latents here are the VAE's scaled latents (B, 1
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ class SamplerSettings:
     rope_scaling: tuple[float, int] | None = None
     """(--rope_scaling_factor, --rope_scaling_timestep_threshold), or None."""
     dtype: torch.dtype = torch.bfloat16
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     variant: str = "bh1"
     progress: bool = True
 
@@ -118,7 +119,7 @@ def _text_kwargs(text: TextCondition, device: torch.device, dtype: torch.dtype) 
 
 def sample_section(dit: torch.nn.Module, noise: torch.Tensor, inputs: SectionInputs, positive: TextCondition,
                    negative: TextCondition, image_embeddings: torch.Tensor, settings: SamplerSettings,
-                   forward: ForwardFn = packed_forward, magcache: "Any | None" = None) -> torch.Tensor:
+                   forward: ForwardFn = packed_forward, magcache: Any | None = None) -> torch.Tensor:
     """Denoise one section from `noise` (1, 16, T, h, w); returns the clean latents (float32)."""
     device, dtype = settings.device, settings.dtype
     _, _, frames, height, width = noise.shape
