@@ -207,3 +207,11 @@ def test_custom_system_prompt_changes_the_conditioning(ws, tmp_path):
     assert run(fpack_generate_video.main, ws.args(tmp_path / "custom", *common,
                                                   "--custom_system_prompt", "Describe the cat.")) == 0
     assert not torch.allclose(_latent(tmp_path / "plain"), _latent(tmp_path / "custom"))
+
+
+def test_block_swap_with_magcache_gives_the_same_video(ws, tmp_path):
+    common = ["--prompt", "a red square", "--image_path", str(ws.start), "--video_sections", "1", "--infer_steps", "6",
+              "--magcache_mag_ratios", "1,1,1,1,1,1", "--output_type", "latent"]
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "plain", *common)) == 0
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "swap", *common, "--blocks_to_swap", "2")) == 0
+    assert torch.equal(_latent(tmp_path / "plain"), _latent(tmp_path / "swap"))
