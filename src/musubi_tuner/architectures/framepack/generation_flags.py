@@ -151,8 +151,8 @@ def check_framepack_request(arch, spec, args: argparse.Namespace):
     try:
         images = parse_section_strings(spec.image_path, flag=flag)
         if spec.one_frame is not None:
-            parse_one_frame_options(spec.one_frame, where=f"{where}: --of" if spec.one_frame != args.one_frame_inference
-                                    else "--one_frame_inference")
+            from_flag = spec.one_frame == args.one_frame_inference
+            parse_one_frame_options(spec.one_frame, where="--one_frame_inference" if from_flag else "--of")
     except UserError as exc:
         raise PromptOptionError(f"{where}: {exc}") from None
     for path in images.values():
