@@ -76,8 +76,28 @@ def _load_hv(path: Path, **kwargs: Any):
     return load_hv_dit(path, **kwargs)
 
 
+def _framepack_meta_model(double_blocks: int, single_blocks: int):
+    from musubi_tuner.architectures.framepack.dit_files import build_empty_framepack_dit
+
+    # FramePackI2V_HY: HunyuanVideo's widths plus the SigLIP projection (1152) and the history embedder
+    return build_empty_framepack_dit({**hv_config(double_blocks, single_blocks), "has_image_proj": True,
+                                      "image_proj_dim": 1152, "has_clean_x_embedder": True})
+
+
+def _framepack_shapes(double_blocks: int, single_blocks: int) -> dict[str, tuple[int, ...]]:
+    # the released shards hold diffusers' own names
+    return {k: tuple(v.shape) for k, v in _framepack_meta_model(double_blocks, single_blocks).state_dict().items()}
+
+
+def _load_framepack(path: Path, **kwargs: Any):
+    from musubi_tuner.architectures.framepack.dit_files import load_framepack_dit
+
+    return load_framepack_dit(path, **kwargs)
+
+
 def bench_dit(arch: str, blocks: tuple[int, int] | None = None) -> BenchDiT:
-    """The benchmark DiT of `arch`; `blocks` = (double, single) for HunyuanVideo (widths stay the released ones)."""
+    """The benchmark DiT of `arch`; `blocks` = (double, single) for HunyuanVideo and FramePack (widths stay the
+    released ones)."""
     if arch == "wan":
         return BenchDiT("wan", f"Wan2.1 {WAN_TASK}-shaped DiT", "wan2.1_t2v_1.3B_random_bf16.safetensors",
                         _wan_shapes, _load_wan)
@@ -90,7 +110,14 @@ def bench_dit(arch: str, blocks: tuple[int, int] | None = None) -> BenchDiT:
             key_prefix="model.diffusion_model.",
             released_meta_model=lambda: _hv_meta_model(*HV_RELEASED_BLOCKS),
         )
-    raise ValueError(f"unknown benchmark architecture {arch!r}; choose wan or hunyuan_video")
+    if arch == "framepack":
+        double, single = blocks or (4, 8)
+        return BenchDiT(
+            "framepack", f"FramePack DiT, released widths, {double} double + {single} single blocks",
+            f"framepack_{double}d{single}s_random_bf16.safetensors", lambda: _framepack_shapes(double, single),
+            _load_framepack, released_meta_model=lambda: _framepack_meta_model(*HV_RELEASED_BLOCKS),
+        )
+    raise ValueError(f"unknown benchmark architecture {arch!r}; choose wan, hunyuan_video or framepack")
 
 
 def write_random_checkpoint(shapes: Mapping[str, tuple[int, ...]], path: Path, *, prefix: str = "",

@@ -4,6 +4,8 @@
 `--arch hunyuan_video`: HunyuanVideo's released widths (3072, 24 heads of 128, MLP x4, text 4096, pooled 768,
 guidance embedding, 2 refiner blocks) with fewer blocks (`--hv_blocks 4 8`: 4 double + 8 single, about 5.7 GB),
 in ComfyUI's `model.diffusion_model.` layout; the table adds rows extrapolated to the released 20 + 40 blocks.
+`--arch framepack`: FramePackI2V_HY's widths (HunyuanVideo's + SigLIP projection + history embedder), blocks as
+`--hv_blocks`, one file in diffusers' names (as Kijai's FramePackI2V_HY_bf16.safetensors), extrapolated the same way.
 
 The checkpoint (random bf16 weights) is written once under --work_dir and reused. Each measurement runs in a fresh
 Python process, so its peak RSS (`ru_maxrss`) belongs to that load alone:
@@ -12,7 +14,7 @@ Python process, so its peak RSS (`ru_maxrss`) belongs to that load alone:
 - `fp8_base`: the same, then `memory.fp8.store_dit_in_fp8` with the architecture's `fp8_targets` (the block
   Linears; the class's `_skip_layerwise_casting_patterns` stay as they are), which is what --fp8_base does.
 
-Usage: python benchmarks/bench_load_memory.py [--arch wan|hunyuan_video] [--hv_blocks D S] [--work_dir DIR]
+Usage: python benchmarks/bench_load_memory.py [--arch wan|hunyuan_video|framepack] [--hv_blocks D S] [--work_dir DIR]
        [--skip_write] [--device cpu|cuda] [--repeats N]
 """
 
@@ -145,9 +147,10 @@ def table_rows(results: list[dict], cuda: bool, label: str = "") -> list[list]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="wan", choices=("wan", "hunyuan_video"), help="which family's DiT")
+    parser.add_argument("--arch", default="wan", choices=("wan", "hunyuan_video", "framepack"),
+                        help="which family's DiT")
     parser.add_argument("--hv_blocks", type=int, nargs=2, default=[4, 8], metavar=("DOUBLE", "SINGLE"),
-                        help="HunyuanVideo blocks written and measured (released: 20 40; about 0.7 GB per double "
+                        help="HunyuanVideo / FramePack blocks written and measured (released: 20 40; about 0.7 GB per double "
                              "and 0.3 GB per single block in bf16)")
     parser.add_argument("--work_dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="where the checkpoint is kept (Wan 2.8 GB, HunyuanVideo 4+8 blocks 5.7 GB)")

@@ -111,3 +111,36 @@ def test_prequantized_fp8_file_is_rejected(tmp_path):
     save_state_dict(state, tmp_path / "fp8_scaled.safetensors")
     with pytest.raises(CheckpointError, match="--dit .*fp8_scaled.safetensors is a pre-quantized"):
         load_framepack_dit(tmp_path / "fp8_scaled.safetensors")
+
+
+def test_load_benchmark_dit_has_released_widths_in_the_loader_layout():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from _bench_models import bench_dit
+
+    spec = bench_dit("framepack", (1, 2))
+    config = infer_framepack_config(spec.original_shapes())
+    assert (config["num_layers"], config["num_single_layers"], config["num_refiner_layers"]) == (1, 2, 2)
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["image_proj_dim"]) == (24, 128, 1152)
+    assert (config["text_embed_dim"], config["pooled_projection_dim"], config["guidance_embeds"]) == (4096, 768, True)
+    assert spec.key_prefix == "" and spec.arch == "framepack"
+
+
+@torch.no_grad()
+def test_block_swap_finds_the_transformer_blocks_and_keeps_the_prediction(tmp_path, source):
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from musubi_tuner.errors import UserError
+    from musubi_tuner.memory.block_swap import enable_block_swap
+
+    dit = load_framepack_dit(save_tiny_framepack(tmp_path, "single"))
+    want = _predict(dit)
+    scheduler = enable_block_swap(dit, 3, torch.device("cpu"))  # the last double block and both single blocks
+    assert [s.block for s in scheduler.slots] == [dit.transformer_blocks[1], *dit.single_transformer_blocks]
+    assert torch.equal(_predict(dit), want)
+    scheduler.remove()
+    plain = HunyuanVideoFramepackTransformer3DModel.from_config(dict(TINY_FRAMEPACK_CONFIG))
+    with pytest.raises(UserError, match="declares no repeated blocks"):  # why the loader marks them
+        enable_block_swap(plain, 1, torch.device("cpu"))

@@ -47,8 +47,9 @@ def full_recompute():
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer blocks in execution order, from the class's `_repeated_blocks` names."""
-    names = set(getattr(type(model), "_repeated_blocks", None) or ())
+    """The model's transformer blocks in execution order, from the `_repeated_blocks` names (the class's, unless a
+    loader set them on the instance: diffusers' FramePack class declares none)."""
+    names = set(getattr(model, "_repeated_blocks", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
 
 

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from musubi_tuner.architectures.key_plan import block_count, default_axes_dims_rope
 from musubi_tuner.errors import CheckpointError
 from musubi_tuner.models.checkpoint_io import load_state_dict, strip_prefix
 from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.hf_folder import read_model_folder
 from musubi_tuner.models.meta_loading import assign_weights
 
-__all__ = ["load_framepack_dit", "infer_framepack_config", "FRAMEPACK_FP8_TARGETS", "DIT_FLAG_HINT"]
+__all__ = ["load_framepack_dit", "infer_framepack_config", "FRAMEPACK_FP8_TARGETS", "DIT_FLAG_HINT", "BLOCK_CLASSES"]
 
 DIT_FLAG_HINT = ("--dit expects a FramePack DiT: the first of lllyasviel/FramePackI2V_HY's (or F1's) 3 shards "
                  "diffusion_pytorch_model-00001-of-00003.safetensors, FramePackI2V_HY_bf16.safetensors, or their folder")
@@ -33,9 +32,13 @@ FRAMEPACK_FP8_TARGETS = (r"^transformer_blocks\.", r"^single_transformer_blocks\
 """The Linears --fp8_base/--fp8_scaled store in fp8 (the reference's targets; norms stay, by the class's own
 `_skip_layerwise_casting_patterns`)."""
 
+BLOCK_CLASSES = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
+"""The repeated transformer blocks (the reference's FramePack LoRA targets and swapped blocks). diffusers'
+FramePack class declares `_repeated_blocks = []`, so the loader sets these on the instance, for --blocks_to_swap
+and regional compilation."""
+
 _MARKER = "clean_x_embedder.proj.weight"
-_HEAD_NORM = "transformer_blocks.0.attn.norm_q.weight"
-_SINGLE_HEAD_NORM = "single_transformer_blocks.0.attn.norm_q.weight"
+_FRAMEPACK_ONLY = ("clean_x_embedder.", "image_projection.")
 
 
 def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -54,45 +57,23 @@ def infer_framepack_config(shapes: Mapping[str, Any], *, source: str = "the chec
                            flag: str = "--dit") -> dict[str, Any]:
     """`HunyuanVideoFramepackTransformer3DModel` config from a state dict (tensors or shape tuples).
 
-    Released: 20 double + 40 single blocks, width 3072 = 24 heads x 128, 2 refiner blocks, LLM 4096, CLIP pooled
-    768, SigLIP 1152, guidance embedding, 16 channels, patch 1x2x2. The RoPE split is not stored in the weights:
-    (16, 56, 56) for 128-wide heads (`default_axes_dims_rope`).
+    The HunyuanVideo part is read by HunyuanVideo's own rules (`infer_hv_config`; released: 20 double + 40 single
+    blocks, 24 heads x 128, RoPE (16, 56, 56)); FramePack adds the SigLIP projection (1152 wide as released) and
+    the history embedder.
     """
+    from musubi_tuner.architectures.hunyuan_video.dit_files import hv_diffusers_to_original, infer_hv_config
+
     shape = _shapes(shapes)
     if _MARKER not in shape or "x_embedder.proj.weight" not in shape:
         raise CheckpointError(f"{flag} {source} is {_not_framepack(shape)}; {DIT_FLAG_HINT}")
-    hidden, in_channels, patch_t, patch, _ = shape["x_embedder.proj.weight"]
-    head_key = _HEAD_NORM if _HEAD_NORM in shape else _SINGLE_HEAD_NORM
-    if head_key not in shape:
-        raise CheckpointError(f"{flag} {source}: no transformer blocks in the file; is it complete? {DIT_FLAG_HINT}")
-    head_dim = shape[head_key][0]
-    if hidden % head_dim:
-        raise CheckpointError(f"{flag} {source}: width {hidden} is not a multiple of the head size {head_dim}")
-    mlp_key = "transformer_blocks.0.ff.net.0.proj.weight"
-    mlp_rows = shape[mlp_key][0] if mlp_key in shape else shape["single_transformer_blocks.0.proj_mlp.weight"][0]
+    hunyuan_part = {k: torch.empty(v, device="meta") for k, v in shape.items() if not k.startswith(_FRAMEPACK_ONLY)}
+    try:
+        config = infer_hv_config(hv_diffusers_to_original(hunyuan_part), source=source, flag=flag)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag} {source}: an incomplete FramePack DiT ({exc}); {DIT_FLAG_HINT}") from exc
     image_proj = shape.get("image_projection.up.weight")
-    return {
-        "in_channels": int(in_channels),
-        "out_channels": int(shape["proj_out.weight"][0] // (patch_t * patch * patch)),
-        "num_attention_heads": int(hidden // head_dim),
-        "attention_head_dim": int(head_dim),
-        "num_layers": block_count(shape, "transformer_blocks."),
-        "num_single_layers": block_count(shape, "single_transformer_blocks."),
-        "num_refiner_layers": block_count(shape, "context_embedder.token_refiner.refiner_blocks."),
-        "mlp_ratio": mlp_rows / hidden,
-        "patch_size": int(patch),
-        "patch_size_t": int(patch_t),
-        "qk_norm": "rms_norm",
-        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in shape,
-        "text_embed_dim": int(shape["context_embedder.proj_in.weight"][1]),
-        "pooled_projection_dim": int(shape["time_text_embed.text_embedder.linear_1.weight"][1]),
-        "rope_theta": 256.0,
-        "rope_axes_dim": default_axes_dims_rope(int(head_dim)),
-        "image_condition_type": None,
-        "has_image_proj": image_proj is not None,
-        "image_proj_dim": int(image_proj[1]) if image_proj is not None else 1152,
-        "has_clean_x_embedder": True,
-    }
+    return {**config, "image_condition_type": None, "has_image_proj": image_proj is not None,
+            "image_proj_dim": int(image_proj[1]) if image_proj is not None else 1152, "has_clean_x_embedder": True}
 
 
 def _read_state(path: Path, flag: str) -> dict[str, torch.Tensor]:
@@ -110,13 +91,19 @@ def _reject_prequantized(sd: Mapping[str, torch.Tensor], where: str) -> None:
                               "use the bf16 shards or FramePackI2V_HY_bf16.safetensors with --fp8_scaled")
 
 
+def mark_repeated_blocks(model: nn.Module) -> nn.Module:
+    """Set `BLOCK_CLASSES` as `model`'s `_repeated_blocks`, on the instance only (no process-wide change)."""
+    model._repeated_blocks = list(BLOCK_CLASSES)
+    return model
+
+
 def build_empty_framepack_dit(config: dict[str, Any]) -> nn.Module:
     """`HunyuanVideoFramepackTransformer3DModel` with parameters on the meta device (shapes only)."""
     from accelerate import init_empty_weights
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     with init_empty_weights():
-        return HunyuanVideoFramepackTransformer3DModel.from_config(config)
+        return mark_repeated_blocks(HunyuanVideoFramepackTransformer3DModel.from_config(config))
 
 
 def load_framepack_dit(path: str | os.PathLike, *, device: str | torch.device = "cpu",

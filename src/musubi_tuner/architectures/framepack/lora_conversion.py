@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from musubi_tuner.architectures.framepack.dit_files import BLOCK_CLASSES, build_empty_framepack_dit
 from musubi_tuner.architectures.hunyuan_video.dit_names import linear_parts_for
 from musubi_tuner.architectures.key_plan import block_layout_from_lora
 from musubi_tuner.errors import CheckpointError
@@ -32,7 +33,7 @@ __all__ = ["LORA_TARGET_BLOCKS", "LORA_DEFAULT_EXCLUDES", "framepack_lora_candid
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGET_BLOCKS = ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock")
+LORA_TARGET_BLOCKS = BLOCK_CLASSES
 """The reference's FRAMEPACK_TARGET_REPLACE_MODULES: every Linear inside these blocks may get a LoRA."""
 LORA_DEFAULT_EXCLUDES = (r".*(norm).*",)
 """The reference's default exclude (regex fullmatch on the module path): the modulation Linears."""
@@ -55,7 +56,6 @@ def framepack_lora_candidates(dit: nn.Module) -> list[LoraTarget]:
 
 def framepack_lora_targets_for_conversion(lora_sd: Mapping[str, torch.Tensor]) -> list[LoraTarget]:
     """`framepack_lora_candidates` of a shapes-only (meta) DiT sized from a FramePack LoRA's own keys."""
-    from musubi_tuner.architectures.framepack.dit_files import build_empty_framepack_dit
     from musubi_tuner.architectures.key_plan import default_axes_dims_rope, heads_for_width
 
     counts = {"": 0, "single_": 0}

@@ -171,7 +171,9 @@ def _shared_layout_forward(dit: nn.Module, *, hidden_states, timestep, encoder_h
 
     tokens = dit.x_embedder(hidden_states)
     cos, sin = rope_table(dit, latent_indices, grid_h, grid_w, hw_scale=hw_scale, device=device)
-    clean, clean_2x, clean_4x = dit.clean_x_embedder(*(latents for latents, _, _ in history))
+    # the history in the noisy latents' dtype, as the reference (`clean_latents.to(hidden_states)`)
+    clean, clean_2x, clean_4x = dit.clean_x_embedder(
+        *(None if latents is None else latents.to(hidden_states.dtype) for latents, _, _ in history))
     for embedded, (_, indices, factor) in zip((clean, clean_2x, clean_4x), history):
         if embedded is None:
             continue

@@ -2,8 +2,8 @@
 the three layouts users have: lllyasviel's 3 shards (`diffusion_pytorch_model-0000N-of-00003.safetensors` + index),
 one repacked file (Kijai's `FramePackI2V_HY_bf16.safetensors`) and a diffusers folder (`config.json` + weights).
 
-Widths fit the other tiny presets: LLM hidden 32 and CLIP pooled 32 as the tiny HunyuanVideo text encoders, image
-projection input = the tiny SigLIP's hidden size; 16 latent channels as the real VAE. The loader reads every size
+The tiny HunyuanVideo DiT's config (its text widths fit the tiny HunyuanVideo text encoders) plus the image
+projection, whose input is the tiny SigLIP's hidden size, and the history embedder. The loader reads every size
 from the weights, so these files go through the code paths of the released ones.
 """
 
@@ -15,27 +15,11 @@ from pathlib import Path
 
 import torch
 
+from musubi_tuner.architectures.hunyuan_video.tiny import TINY_DIT_CONFIG
 from musubi_tuner.models.siglip_files import TINY_SIGLIP_HIDDEN
 
-TINY_TEXT_DIM = 32
-TINY_POOLED_DIM = 32
 TINY_FRAMEPACK_CONFIG = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_attention_heads": 2,
-    "attention_head_dim": 16,
-    "num_layers": 2,
-    "num_single_layers": 2,
-    "num_refiner_layers": 1,
-    "mlp_ratio": 4.0,
-    "patch_size": 2,
-    "patch_size_t": 1,
-    "qk_norm": "rms_norm",
-    "guidance_embeds": True,
-    "text_embed_dim": TINY_TEXT_DIM,
-    "pooled_projection_dim": TINY_POOLED_DIM,
-    "rope_theta": 256.0,
-    "rope_axes_dim": (4, 6, 6),
+    **TINY_DIT_CONFIG,  # the tiny HunyuanVideo DiT's, whose text widths fit the tiny HunyuanVideo text encoders
     "image_condition_type": None,
     "has_image_proj": True,
     "image_proj_dim": TINY_SIGLIP_HIDDEN,
@@ -58,13 +42,15 @@ def tiny_framepack_dit(seed: int = 0):
     zero-initialises some layers), so a swapped or missing weight changes the output."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
+    from musubi_tuner.architectures.framepack.dit_files import mark_repeated_blocks
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HunyuanVideoFramepackTransformer3DModel.from_config(tiny_framepack_config())
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    return mark_repeated_blocks(model).eval()
 
 
 def _shard_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
