@@ -15,6 +15,9 @@ def test_demo_runs_every_stage(arch, tmp_path, capsys):
     root = tmp_path / arch
     assert (root / "lora" / "demo_lora.safetensors").is_file()
     assert (root / "lora" / "demo_lora-state" / "musubi_state.json").is_file()
+    if arch == "framepack":  # training only so far: its generate script is not on this branch, merge_lora is HV's
+        assert "merged DiT" not in out and "demo_lora-step00000002.safetensors" in {p.name for p in (root / "lora").iterdir()}
+        return
     assert list((root / "lora" / "sample").iterdir())
     assert list((root / "generated").iterdir())
     assert (root / "merged" / "tiny_merged.safetensors").is_file()

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "src" / "musubi_tuner"
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 # the reference's per-architecture script names: <arch>_<stage>.py, and HunyuanVideo's unprefixed caching scripts
 HV_UNPREFIXED = ("cache_latents", "cache_text_encoder_outputs")
-ARCH_SCRIPTS = sorted([p for p in PACKAGE.glob("*_*.py") if p.stem.split("_")[0] in ("wan", "flux", "hv")]
+ARCH_SCRIPTS = sorted([p for p in PACKAGE.glob("*_*.py") if p.stem.split("_")[0] in ("wan", "flux", "hv", "fpack")]
                       + [PACKAGE / f"{stem}.py" for stem in HV_UNPREFIXED])
 
 

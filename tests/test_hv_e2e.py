@@ -52,17 +52,8 @@ class HvWorkspace:
                 "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "3", *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def ws(_one_thread, tmp_path_factory) -> HvWorkspace:
+def ws(one_thread, tmp_path_factory) -> HvWorkspace:
     root = tmp_path_factory.mktemp("hv")
     w = HvWorkspace(root=root, dit=write_tiny_hv_dit(root / "models", "official_pt"),
                     vae=write_tiny_hv_vae(root / "models" / "vae", "official_pt"),

@@ -95,10 +95,12 @@ def new_summary(datasets: list[DatasetItems]) -> CacheSummary:
                         empty_captions=[p for d in datasets for p in d.empty_captions])
 
 
-def remove_stale(datasets: list[DatasetItems], kind: CacheKind, code: str, summary: CacheSummary, keep: bool) -> None:
-    """Delete the caches no current item writes (see dataset/stale_caches.py for what is kept), and say so."""
+def remove_stale(datasets: list[DatasetItems], kind: CacheKind, code: str, summary: CacheSummary, keep: bool,
+                 written: dict[int, list[Path]] | None = None) -> None:
+    """Delete the caches no current item writes (see dataset/stale_caches.py for what is kept), and say so.
+    written: per dataset index, the latent caches its items write when that is not one per item (FramePack)."""
     for dataset in datasets:
-        plan = plan_sweep(dataset, kind, code)
+        plan = plan_sweep(dataset, kind, code, (written or {}).get(dataset.spec.index))
         summary.kept_for_skipped += len(plan.kept_for_skipped)
         if not plan.stale:
             continue
@@ -123,30 +125,38 @@ def batched(items: list[Item], size: int) -> Iterator[list[Item]]:
             yield group[start:start + size]
 
 
-def latent_cache_is_current(arch: Architecture, item: Item, contents: set[str]) -> bool:
-    """For --skip_existing: the cache exists, holds what these flags write, and fits the item's current bucket
-    (the file name carries the ORIGINAL size, so a changed resolution would otherwise go unnoticed)."""
-    path = item.latent_cache_path
-    if not path.exists():
-        return False
-    try:
-        shapes = read_cache_shapes(path)
-    except Exception:  # unreadable/truncated: re-encode it
-        return False
-    if not contents <= set(shapes) or (MASK_CONTENT in shapes) != (item.mask_path is not None):
-        return False
+def latent_cache_is_current(arch: Architecture, item: Item, contents: set[str], paths: list[Path] | None = None) -> bool:
+    """For --skip_existing: every cache of the item exists, holds what these flags write, and fits the item's
+    current bucket (the file name carries the ORIGINAL size, so a changed resolution would otherwise go
+    unnoticed). paths: the item's caches when not just its own (FramePack sections, whose frame count the
+    name's window already pins)."""
+    paths = paths or [item.latent_cache_path]
     width, height = item.bucket_size
     expected = arch.latent_shape(width, height, item.frame_count)
-    cached = shapes["latents"][0]
-    return tuple(cached[-2:]) == tuple(expected[-2:]) and (len(expected) < 4 or cached[-3] == expected[-3])
+    check_frames = len(expected) >= 4 and paths == [item.latent_cache_path]
+    for path in paths:
+        if not path.exists():
+            return False
+        try:
+            shapes = read_cache_shapes(path)
+        except Exception:  # unreadable/truncated: re-encode it
+            return False
+        if not contents <= set(shapes) or (MASK_CONTENT in shapes) != (item.mask_path is not None):
+            return False
+        cached = shapes["latents"][0]
+        if tuple(cached[-2:]) != tuple(expected[-2:]) or (check_frames and cached[-3] != expected[-3]):
+            return False
+    return True
 
 
 def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSummary:
     datasets = load_datasets(arch, args)
     summary = new_summary(datasets)
     contents = arch.latent_cache_contents(args)
+    # every file each item writes, asked before any model loads (the architecture may refuse an item here)
+    paths = {id(i): arch.latent_cache_paths(i, d.spec, args) for d in datasets for i in d.items}
     todo = [(d, i) for d in datasets for i in d.items
-            if not (args.skip_existing and latent_cache_is_current(arch, i, contents))]
+            if not (args.skip_existing and latent_cache_is_current(arch, i, contents, paths[id(i)]))]
     summary.skipped_existing = sum(len(d.items) for d in datasets) - len(todo)
     if todo:
         encoders = arch.load_latent_encoders(args, resolve_device(args.device))
@@ -157,16 +167,18 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
                 for batch in batched(items, args.batch_size or dataset.spec.batch_size):
                     load = functools.partial(load_pixels_with_mask, spec=dataset.spec,
                                              bucket_step=arch.traits.bucket_step)
-                    pixels = list(pool.map(load, batch))
+                    pixels = [arch.latent_pixels(item, dataset.spec, item_pixels)
+                              for item, item_pixels in zip(batch, pool.map(load, batch))]
                     for item, item_pixels, content in zip(batch, pixels, arch.encode_latents(encoders, pixels, args)):
                         if item_pixels.mask is not None:
                             content[MASK_CONTENT] = mask_on_latent_grid(item_pixels.mask, content["latents"])
                         frames = item.frame_count if item.frame_indices is not None else None
-                        write_cache(item.latent_cache_path, content, arch.traits,
-                                    latent_metadata(item.original_size, frames))
-                        summary.written += 1
+                        for path, part in arch.latent_cache_files(item, dataset.spec, content, args):
+                            write_cache(path, part, arch.traits, latent_metadata(item.original_size, frames))
+                            summary.written += 1
                     bar.update(len(batch))
-    remove_stale(datasets, "latent", arch.traits.cache_code, summary, args.keep_cache)
+    written = {d.spec.index: [p for i in d.items for p in paths[id(i)]] for d in datasets}
+    remove_stale(datasets, "latent", arch.traits.cache_code, summary, args.keep_cache, written)
     return summary
 
 

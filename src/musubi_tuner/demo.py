@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-DEMO_ARCHS = ("wan", "flux_kontext", "hunyuan_video")
+DEMO_ARCHS = ("wan", "flux_kontext", "hunyuan_video", "framepack")
 GENERAL = '[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
 
 
@@ -34,6 +34,8 @@ class Workflow:
     train_args: list[str]
     generate_args: list[str]
     generated: str = "generated video"
+    merge: bool = True
+    """Run merge_lora.py (its reference version merges into HunyuanVideo-layout DiTs); FramePack has none."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -68,12 +70,13 @@ def read_losses(logging_dir: Path, tag: str = "loss/current") -> list[float]:
     return losses
 
 
-def common_train_args(out: Path, steps: int, prompts: Path) -> list[str]:
+def common_train_args(out: Path, steps: int, prompts: Path | None) -> list[str]:
+    """prompts: sample prompts made at the last step; None: no samples during training."""
+    samples = ["--sample_prompts", str(prompts), "--sample_every_n_steps", str(steps)] if prompts else []
     return ["--sdpa", "--mixed_precision", "no", "--network_dim", "8", "--network_alpha", "8",
             "--optimizer_type", "adamw", "--learning_rate", "2e-3", "--max_train_steps", str(steps), "--seed", "42",
             "--save_every_n_steps", str(max(1, steps // 2)), "--save_state", "--output_dir", str(out / "lora"),
-            "--output_name", "demo_lora", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"),
-            "--sample_prompts", str(prompts), "--sample_every_n_steps", str(steps)]
+            "--output_name", "demo_lora", "--log_with", "tensorboard", "--logging_dir", str(out / "logs"), *samples]
 
 
 def run_workflow(w: Workflow) -> dict[str, Path]:
@@ -85,18 +88,22 @@ def run_workflow(w: Workflow) -> dict[str, Path]:
         ("cache latents", w.scripts["cache_latents"], [*dataset, *w.vae_args, "--device", "cpu"]),
         ("cache text encoder outputs", w.scripts["cache_text"], [*dataset, *w.text_args, "--device", "cpu"]),
         ("train a LoRA", w.scripts["train"], ["--dit", str(w.dit), *dataset, *w.vae_args, *w.text_args, *w.train_args]),
-        ("generate with the LoRA", w.scripts["generate"],
-         ["--dit", str(w.dit), *w.vae_args, *w.text_args, "--lora_weight", str(w.lora), *w.generate_args,
-          "--seed", "7", "--save_path", str(w.out / "generated"), "--device", "cpu"]),
-        ("merge the LoRA into the DiT", merge_lora.main,
-         ["--dit", str(w.dit), "--lora_weight", str(w.lora), "--lora_multiplier", "1.0", "--save_merged_model", str(merged)]),
     ]
+    if "generate" in w.scripts:
+        stages.append(("generate with the LoRA", w.scripts["generate"],
+                       ["--dit", str(w.dit), *w.vae_args, *w.text_args, "--lora_weight", str(w.lora), *w.generate_args,
+                        "--seed", "7", "--save_path", str(w.out / "generated"), "--device", "cpu"]))
+    if w.merge:
+        stages.append(("merge the LoRA into the DiT", merge_lora.main,
+                       ["--dit", str(w.dit), "--lora_weight", str(w.lora), "--lora_multiplier", "1.0",
+                        "--save_merged_model", str(merged)]))
     for number, (title, main, argv) in enumerate(stages, start=1):
         w.timings[title] = run_step(f"{number}/{len(stages)} {title}", main, argv)
     outputs = {"dataset config": w.toml, "latent/text caches": w.out / "cache", "LoRA": w.lora,
                "checkpoints and states": w.lora.parent, "samples during training": w.lora.parent / "sample",
                w.generated: w.out / "generated", "merged DiT": merged, "TensorBoard logs": w.out / "logs",
                "tiny model files": w.out / "models"}
+    outputs = {what: path for what, path in outputs.items() if path.exists()}
     print_summary(read_losses(w.out / "logs"), w.timings, outputs, read_losses(w.out / "logs", "loss/validation"))
     return outputs
 
@@ -226,6 +233,40 @@ def hunyuan_video_demo(out: Path, steps: int) -> dict[str, Path]:
     ))
 
 
+def framepack_demo(out: Path, steps: int) -> dict[str, Path]:
+    """FramePack: lllyasviel's 3-shard DiT layout, the HunyuanVideo VAE and text encoders, a ComfyUI SigLIP file;
+    17-frame clips cut into per-section caches (fp_latent_window_size 2: 2 sections each)."""
+    from musubi_tuner import fpack_cache_latents, fpack_cache_text_encoder_outputs, fpack_train_network
+    from musubi_tuner.architectures.framepack.tiny import save_tiny_framepack
+    from musubi_tuner.demo_data import make_demo_dataset
+    from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
+    from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
+    from musubi_tuner.models.siglip_files import save_tiny_siglip
+
+    dit = save_tiny_framepack(out / "models" / "dit", "shards")
+    vae = write_tiny_hv_vae(out / "models" / "vae", "official_pt")
+    siglip = save_tiny_siglip(out / "models" / "image_encoder", "comfy")
+    text = write_tiny_hunyuan_text_files(out / "models" / "text")
+    data = make_demo_dataset(out / "data", frames=17, fps=30.0)
+    (out / "dataset.toml").write_text(
+        f'{GENERAL}\n[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
+        f'cache_directory = "{(out / "cache").as_posix()}"\ntarget_frames = [17]\nframe_extraction = "head"\n'
+        'fp_latent_window_size = 2\n')
+    return run_workflow(Workflow(
+        out=out, dit=dit, merge=False,
+        scripts={"cache_latents": fpack_cache_latents.main, "cache_text": fpack_cache_text_encoder_outputs.main,
+                 "train": fpack_train_network.main},
+        vae_args=["--vae", str(vae), "--vae_dtype", "float32", "--vae_chunk_size", "32", "--image_encoder",
+                  str(siglip)],
+        text_args=["--text_encoder1", str(text["llm"]), "--text_encoder2", str(text["clip_l"]),
+                   "--llm_tokenizer", str(text["llm_tokenizer"]), "--clip_tokenizer", str(text["clip_tokenizer"]),
+                   "--text_encoder_dtype", "float32"],
+        train_args=["--network_module", "networks.lora_framepack", "--timestep_sampling", "shift",
+                    "--discrete_flow_shift", "3.0", "--weighting_scheme", "none", *common_train_args(out, steps, None)],
+        generate_args=[],
+    ))
+
+
 DEMO_MARKER = ".musubi_tuner_demo"
 """Written into every demo output folder: only a folder holding it is replaced by the next demo run."""
 
@@ -250,7 +291,8 @@ def prepare_output_dir(out: Path) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.output_dir).resolve()
     prepare_output_dir(out)
-    demos = {"wan": wan_demo, "flux_kontext": flux_kontext_demo, "hunyuan_video": hunyuan_video_demo}
+    demos = {"wan": wan_demo, "flux_kontext": flux_kontext_demo, "hunyuan_video": hunyuan_video_demo,
+             "framepack": framepack_demo}
     demos[args.arch](out, args.steps)
 
 

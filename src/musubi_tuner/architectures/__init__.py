@@ -10,6 +10,7 @@ _REGISTRY: dict[str, str] = {
     "wan": "musubi_tuner.architectures.wan:WanArchitecture",
     "flux_kontext": "musubi_tuner.architectures.flux_kontext:FluxKontextArchitecture",
     "hunyuan_video": "musubi_tuner.architectures.hunyuan_video:HunyuanVideoArchitecture",
+    "framepack": "musubi_tuner.architectures.framepack:FramePackArchitecture",
 }
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from musubi_tuner.dataset.items import ItemPixels
+from musubi_tuner.dataset.items import Item, ItemPixels
 from musubi_tuner.dataset.traits import DatasetTraits
 from musubi_tuner.errors import UserError
 from musubi_tuner.networks.targets import LoraTarget
@@ -95,6 +96,23 @@ class Architecture:
     def encode_latents(self, encoders: Any, batch: list[ItemPixels], args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         """One content dict per item, e.g. {"latents": (C,F,H,W)}."""
         raise self._missing("encode_latents")
+
+    def latent_pixels(self, item: Item, spec: Any, pixels: ItemPixels) -> ItemPixels:
+        """The decoded media of one item as `encode_latents` should see it. Default: as decoded; FramePack drops
+        the frames after its last whole section, as the reference."""
+        return pixels
+
+    def latent_cache_paths(self, item: Item, spec: Any, args: argparse.Namespace) -> list[Path]:
+        """Every latent cache file one dataset item writes with these flags (spec: its `DatasetSpec`). Called for
+        every item before any model loads, so it may refuse an item with a UserError naming it. Default: the
+        item's own cache; FramePack writes one per section."""
+        return [item.latent_cache_path]
+
+    def latent_cache_files(self, item: Item, spec: Any, content: dict[str, torch.Tensor],
+                           args: argparse.Namespace) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+        """`encode_latents`' content of one item -> (cache file, content) for each of `latent_cache_paths`.
+        Default: the content as is, in the item's own cache."""
+        return [(item.latent_cache_path, content)]
 
     def latents_from_cache(self, latents: torch.Tensor) -> torch.Tensor:
         """Cached latents -> the DiT's latent space, when training. Identity for families that cache DiT-space

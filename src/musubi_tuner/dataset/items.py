@@ -44,5 +44,8 @@ class ItemPixels:
     """uint8 (F, H, W, 3), already resized/cropped to the bucket; F = 1 for images."""
     control: list[torch.Tensor] = field(default_factory=list)
     """uint8 (F, H, W, 3) control images/videos (may be empty)."""
+    control_alpha: list[torch.Tensor | None] = field(default_factory=list)
+    """Per control image: its alpha channel as uint8 (H, W) at the control's size, None without one (FramePack
+    one-frame training masks the control latents with it); empty for videos."""
     mask: torch.Tensor | None = None
     """float32 (H, W) loss mask in [0, 1] at the bucket size, or None (dataset/masks.py)."""

@@ -247,7 +247,9 @@ def load_item_pixels(item: Item, spec: DatasetSpec, *, bucket_step: int = 16) ->
     """Decode one item's media (and control media), resized to its bucket, as uint8 (F, H, W, 3)."""
     if item.frame_indices is None:
         frames = [resize_to_bucket(load_image_rgb(item.media_path), item.bucket_size)]
-        control = [_image_control(p, item, spec, bucket_step) for p in item.control_paths]
+        loaded = [_image_control(p, item, spec, bucket_step) for p in item.control_paths]
+        control, alpha = [c for c, _ in loaded], [a for _, a in loaded]
+        return ItemPixels(pixels=_stack(frames), control=control, control_alpha=alpha)
     else:
         raw = decode_frames(item.media_path, item.frame_indices)
         frames = [resize_to_bucket(f, item.bucket_size) for f in raw]
@@ -255,9 +257,24 @@ def load_item_pixels(item: Item, spec: DatasetSpec, *, bucket_step: int = 16) ->
     return ItemPixels(pixels=_stack(frames), control=control)
 
 
-def _image_control(path: Path, item: Item, spec: DatasetSpec, step: int) -> torch.Tensor:
+def _image_control(path: Path, item: Item, spec: DatasetSpec, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uint8 (1, H, W, 3) control, its alpha (H, W) resized alike or None)."""
+    alpha = _load_alpha(path)
     img = load_image_rgb(path)
-    return _stack([resize_to_bucket(img, control_size(img.size, item.bucket_size, spec, step))])
+    size = control_size(img.size, item.bucket_size, spec, step)
+    resized_alpha = None if alpha is None else torch.from_numpy(np.array(resize_to_bucket(alpha, size)))
+    return _stack([resize_to_bucket(img, size)]), resized_alpha
+
+
+def _load_alpha(path: Path) -> Image.Image | None:
+    """The image's alpha channel (mode L), None when it has none."""
+    try:
+        with Image.open(path) as img:
+            if "A" not in img.getbands() and "transparency" not in img.info:
+                return None
+            return img.convert("RGBA").getchannel("A")
+    except Exception:  # decoding problems are reported by load_image_rgb
+        return None
 
 
 def _video_control(path: Path, item: Item) -> torch.Tensor:

@@ -37,13 +37,15 @@ def _owner_stem(path: Path, kind: CacheKind, code: str, video: bool) -> str | No
     return None if parsed is None else parsed.media_stem
 
 
-def plan_sweep(dataset: DatasetItems, kind: CacheKind, code: str) -> SweepPlan:
+def plan_sweep(dataset: DatasetItems, kind: CacheKind, code: str, written_paths: list[Path] | None = None) -> SweepPlan:
+    """written_paths: the caches this run writes when they are not one per item (FramePack's sections)."""
     plan = SweepPlan()
     cache_dir = dataset.spec.cache_directory
     if cache_dir is None or not cache_dir.is_dir():
         return plan
-    written = {(item.text_cache_path if kind == "text" else item.latent_cache_path).resolve()
-               for item in dataset.items}
+    if written_paths is None:
+        written_paths = [item.text_cache_path if kind == "text" else item.latent_cache_path for item in dataset.items]
+    written = {path.resolve() for path in written_paths}
     skipped_stems = {media_stem(path) for path, _ in dataset.skipped}
     for path in sorted(cache_dir.glob(cache_glob(kind, code))):
         if path.resolve() in written:

@@ -23,7 +23,6 @@ from torch import nn
 from musubi_tuner.architectures.base import Architecture, GenerationDefaults
 from musubi_tuner.architectures.common import (
     dit_compute_dtype,
-    model_range_to_pixels,
     pixels_to_model_range,
     str_to_dtype,
     video_prompt_spec,
@@ -75,14 +74,9 @@ class HunyuanVideoArchitecture(Architecture):
     # ---- flags -------------------------------------------------------------------------------------
     def add_arguments(self, parser: argparse.ArgumentParser, purpose: str) -> None:
         if purpose in ("cache_latents", "train", "generate"):
-            parser.add_argument("--vae_tiling", action="store_true",
-                                help="spatial VAE tiling (256 px tiles, 1/4 overlap); implied by "
-                                     "--vae_spatial_tile_sample_min_size")
-            parser.add_argument("--vae_chunk_size", type=int, default=None,
-                                help="run the VAE's causal 3D convolutions over at most this many frames at a time "
-                                     "(same result, less memory), e.g. 32")
-            parser.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None,
-                                help="spatial tile size in pixels (default 256 when tiling)")
+            from musubi_tuner.models.hunyuan_video.vae_flags import add_hv_vae_arguments
+
+            add_hv_vae_arguments(parser)
         if purpose in ("train", "generate"):
             parser.add_argument("--dit_in_channels", type=int, default=None,
                                 help="DiT input channels: 16 (T2V), 32 (SkyReels V1 I2V); checked against --dit")
@@ -119,13 +113,9 @@ class HunyuanVideoArchitecture(Architecture):
             raise UserError(f"--dit_in_channels {args.dit_in_channels}: use 16 (T2V) or 32 (SkyReels V1 I2V)")
         if getattr(args, "dit_dtype", None) is not None:
             str_to_dtype(args.dit_dtype, torch.bfloat16, "--dit_dtype")
-        for flag in ("vae_chunk_size", "vae_spatial_tile_sample_min_size"):
-            value = getattr(args, flag, None)
-            if value is not None and value < 1:
-                raise UserError(f"--{flag} {value}: must be a positive number")
-        if getattr(args, "vae_spatial_tile_sample_min_size", None) is not None and args.vae_spatial_tile_sample_min_size % 8:
-            raise UserError(f"--vae_spatial_tile_sample_min_size {args.vae_spatial_tile_sample_min_size}: must be a "
-                            "multiple of 8 (e.g. 128 or 256)")
+        from musubi_tuner.models.hunyuan_video.vae_flags import validate_hv_vae_arguments
+
+        validate_hv_vae_arguments(args)
         if purpose == "generate":
             self._validate_generation(args)
 
@@ -158,16 +148,9 @@ class HunyuanVideoArchitecture(Architecture):
 
     # ---- latent side -------------------------------------------------------------------------------
     def load_vae(self, args: argparse.Namespace, device: torch.device) -> nn.Module:
-        from musubi_tuner.models.hunyuan_video.vae_files import configure_hv_vae_memory, load_hv_vae
+        from musubi_tuner.models.hunyuan_video.vae_flags import load_hv_vae_from_args
 
-        if not args.vae:
-            raise UserError("no VAE given: pass --vae vae/pytorch_model.pt (or hunyuan_video_vae_bf16.safetensors)")
-        # float16 by default, as the reference runs the HunyuanVideo VAE
-        vae = load_hv_vae(args.vae, device=device, dtype=str_to_dtype(args.vae_dtype, torch.float16, "--vae_dtype"))
-        configure_hv_vae_memory(vae, chunk_size=getattr(args, "vae_chunk_size", None),
-                                tiling=bool(getattr(args, "vae_tiling", False)),
-                                spatial_tile_sample_min_size=getattr(args, "vae_spatial_tile_sample_min_size", None))
-        return vae
+        return load_hv_vae_from_args(args, device)
 
     def latent_cache_contents(self, args: argparse.Namespace) -> set[str]:
         return {"latents"}
@@ -186,11 +169,9 @@ class HunyuanVideoArchitecture(Architecture):
         return latents * HV_VAE_SCALING_FACTOR
 
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_latents
+        from musubi_tuner.models.hunyuan_video.vae_files import decode_hv_pixels
 
-        if latents.dim() == 4:  # one sample without the batch axis
-            latents = latents[None]
-        return model_range_to_pixels(decode_hv_latents(vae, latents))
+        return decode_hv_pixels(vae, latents)
 
     # ---- text side ---------------------------------------------------------------------------------
     def load_text_encoders(self, args: argparse.Namespace, device: torch.device) -> Any:

@@ -33,7 +33,7 @@ from musubi_tuner.models.file_kinds import describe_checkpoint, sample_keys
 from musubi_tuner.models.meta_loading import assign_weights
 
 __all__ = ["HV_VAE_SCALING_FACTOR", "infer_hv_vae_config", "load_hv_vae", "configure_hv_vae_memory",
-           "encode_hv_latents", "decode_hv_latents", "set_causal_conv_chunk_size"]
+           "encode_hv_latents", "decode_hv_latents", "decode_hv_pixels", "set_causal_conv_chunk_size"]
 
 HV_VAE_SCALING_FACTOR = 0.476986
 """DiT latents = VAE latents * this (no shift), as the reference and diffusers' pipeline."""
@@ -172,6 +172,15 @@ def encode_hv_latents(vae: nn.Module, video: torch.Tensor, sample: bool = True,
     """
     dist = vae.encode(video.to(device=vae.device, dtype=vae.dtype)).latent_dist
     return dist.sample(generator) if sample else dist.mode()
+
+
+def decode_hv_pixels(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """DiT latents (B, 16, f, h, w), or one sample (16, f, h, w) -> uint8 pixels (B, F, H, W, 3)."""
+    from musubi_tuner.architectures.common import model_range_to_pixels
+
+    if latents.dim() == 4:  # one sample without the batch axis
+        latents = latents[None]
+    return model_range_to_pixels(decode_hv_latents(vae, latents))
 
 
 @torch.no_grad()
