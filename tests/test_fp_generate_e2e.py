@@ -11,41 +11,35 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_framepack_e2e import FpWorkspace
 from wan_fixtures import run
 
 from musubi_tuner import fpack_generate_video
-from musubi_tuner.architectures import architecture_names
 from musubi_tuner.architectures.framepack.tiny import save_tiny_framepack
 from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
 from musubi_tuner.models.hunyuan_video.tiny_vae import write_tiny_hv_vae
 from musubi_tuner.models.siglip_files import save_tiny_siglip
 
-WINDOW = 2  # 5 frames per section keeps the tiny runs short
-
-# the FramePack architecture (registry entry, loaders) comes from the fp-train branch; before that merge there is
-# nothing to run these against
-pytestmark = pytest.mark.skipif("framepack" not in architecture_names(),
-                                reason="the FramePack architecture is not registered on this branch yet")
+WINDOW = 2  # 5 frames per section keeps the tiny runs short (the training e2e's window too)
 
 
 @dataclass
-class FpWorkspace:
-    root: Path
-    dit: Path
-    vae: Path
-    siglip: Path
-    text: dict
+class GenWorkspace:
+    """The tiny model files of the FramePack training e2e plus images to start from."""
+
+    models: FpWorkspace
     start: Path
     end: Path
     control: Path
 
+    @property
+    def dit(self) -> Path:
+        return self.models.dit
+
     def args(self, save: Path, *extra: str) -> list[str]:
-        return ["--dit", str(self.dit), "--vae", str(self.vae), "--vae_dtype", "float32",
-                "--image_encoder", str(self.siglip), "--text_encoder1", str(self.text["llm"]),
-                "--text_encoder2", str(self.text["clip_l"]), "--llm_tokenizer", str(self.text["llm_tokenizer"]),
-                "--clip_tokenizer", str(self.text["clip_tokenizer"]), "--text_encoder_dtype", "float32",
-                "--device", "cpu", "--save_path", str(save), "--video_size", "32", "32",
-                "--latent_window_size", str(WINDOW), "--infer_steps", "2", "--seed", "5", *extra]
+        return ["--dit", str(self.dit), *self.models.vae_args, *self.models.te_args, "--device", "cpu",
+                "--save_path", str(save), "--video_size", "32", "32", "--latent_window_size", str(WINDOW),
+                "--infer_steps", "2", "--seed", "5", *extra]
 
 
 def _image(path: Path, color, mode="RGB") -> Path:
@@ -59,14 +53,15 @@ def _image(path: Path, color, mode="RGB") -> Path:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> FpWorkspace:
+def ws(one_thread, tmp_path_factory) -> GenWorkspace:
     root = tmp_path_factory.mktemp("fp_gen")
-    torch.set_num_threads(1)
-    return FpWorkspace(root=root, dit=save_tiny_framepack(root / "dit", "single"),
-                       vae=write_tiny_hv_vae(root / "vae", "comfy"), siglip=save_tiny_siglip(root / "siglip", "comfy"),
-                       text=write_tiny_hunyuan_text_files(root / "text"), start=_image(root / "start.png", (200, 30, 30)),
-                       end=_image(root / "end.png", (30, 30, 200)),
-                       control=_image(root / "control.png", (30, 200, 30, 255), "RGBA"))
+    models = root / "models"
+    files = FpWorkspace(root=root, dit=save_tiny_framepack(models / "dit", "single"),
+                        vae=write_tiny_hv_vae(models / "vae", "comfy"),
+                        siglip=save_tiny_siglip(models / "siglip", "comfy"),
+                        text=write_tiny_hunyuan_text_files(models / "text"))
+    return GenWorkspace(files, start=_image(root / "start.png", (200, 30, 30)), end=_image(root / "end.png", (30, 30, 200)),
+                        control=_image(root / "control.png", (30, 200, 30, 255), "RGBA"))
 
 
 def _latent(folder: Path) -> torch.Tensor:
