@@ -27,11 +27,11 @@ def _inputs(batch: int = 1, seed: int = 0, text_lengths=(5,)):
     c = TINY_FRAMEPACK_CONFIG
     text_len = 7
     mask = torch.zeros(batch, text_len, dtype=torch.long)
-    for i, n in enumerate(text_lengths[:batch] if len(text_lengths) >= batch else text_lengths * batch):
-        mask[i, :n] = 1
+    for i in range(batch):
+        mask[i, : text_lengths[i % len(text_lengths)]] = 1
     return {
         "hidden_states": torch.randn(batch, 16, 3, H, W, generator=g),
-        "timestep": torch.tensor([700.0, 300.0][:batch] if batch <= 2 else [500.0] * batch),
+        "timestep": torch.tensor([700.0, 300.0, 500.0][:batch]),
         "encoder_hidden_states": torch.randn(batch, text_len, c["text_embed_dim"], generator=g),
         "encoder_attention_mask": mask,
         "pooled_projections": torch.randn(batch, c["pooled_projection_dim"], generator=g),
@@ -132,16 +132,17 @@ def test_no_history_at_all_runs_and_halves_must_come_together(dit):
 
 @torch.no_grad()
 def test_per_sample_index_layouts_equal_single_sample_runs(dit):
-    x = _inputs(2, text_lengths=(5, 3))
+    x = _inputs(3, text_lengths=(5, 3, 4))
     other = {"latent_indices": torch.tensor([0, 1, 2]), "clean_latent_indices": torch.tensor([3, 9]),
              "clean_latent_2x_indices": torch.tensor([4, 5]), "clean_latent_4x_indices": torch.tensor([6, 7, 8, 10])}
-    stacked = {k: torch.stack([INDICES[k], other[k]]) for k in INDICES}
+    layouts = (INDICES, other, INDICES)  # samples 0 and 2 share a forward; the result keeps the batch order
+    stacked = {k: torch.stack([layout[k] for layout in layouts]) for k in INDICES}
     batched = packed_forward(dit, **x, **stacked)
-    for i, idx in enumerate((INDICES, other)):
-        single = packed_forward(dit, **{k: v[i : i + 1] for k, v in x.items()}, **idx)
-        assert torch.equal(batched[i : i + 1], single)
+    pair = packed_forward(dit, **{k: v[[0, 2]] for k, v in x.items()}, **INDICES)
+    assert torch.equal(batched[[0, 2]], pair)
+    assert torch.equal(batched[1:2], packed_forward(dit, **{k: v[1:2] for k, v in x.items()}, **other))
     # equal rows are one batched forward: the same as the 1-D indices
-    same = {k: torch.stack([v, v]) for k, v in INDICES.items()}
+    same = {k: torch.stack([v, v, v]) for k, v in INDICES.items()}
     assert torch.equal(packed_forward(dit, **x, **same), packed_forward(dit, **x, **INDICES))
 
 

@@ -149,13 +149,9 @@ def packed_forward(dit: nn.Module, *, hidden_states: torch.Tensor, timestep: tor
     groups = _groups(layouts)
     if len(groups) == 1:
         return run(None)
-    out = None
-    for picked in groups:
-        part = run(picked)
-        if out is None:
-            out = part.new_empty((batch, *part.shape[1:]))
-        out[picked] = part
-    return out
+    parts = torch.cat([run(picked) for picked in groups])
+    order = torch.tensor([i for picked in groups for i in picked], device=parts.device)
+    return parts[torch.argsort(order)]  # back to the batch order
 
 
 def _shared_layout_forward(dit: nn.Module, *, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
