@@ -98,9 +98,10 @@ def new_summary(datasets: list[DatasetItems]) -> CacheSummary:
 def remove_stale(datasets: list[DatasetItems], kind: CacheKind, code: str, summary: CacheSummary, keep: bool,
                  written: dict[int, list[Path]] | None = None) -> None:
     """Delete the caches no current item writes (see dataset/stale_caches.py for what is kept), and say so.
-    written: per dataset index, the latent caches its items write when that is not one per item (FramePack)."""
+    written: per `id(dataset)` (a training and a validation dataset share an index), the latent caches its items
+    write when that is not one per item (FramePack)."""
     for dataset in datasets:
-        plan = plan_sweep(dataset, kind, code, (written or {}).get(dataset.spec.index))
+        plan = plan_sweep(dataset, kind, code, (written or {}).get(id(dataset)))
         summary.kept_for_skipped += len(plan.kept_for_skipped)
         if not plan.stale:
             continue
@@ -177,7 +178,7 @@ def run_latent_caching(arch: Architecture, args: argparse.Namespace) -> CacheSum
                             write_cache(path, part, arch.traits, latent_metadata(item.original_size, frames))
                             summary.written += 1
                     bar.update(len(batch))
-    written = {d.spec.index: [p for i in d.items for p in paths[id(i)]] for d in datasets}
+    written = {id(d): [p for i in d.items for p in paths[id(i)]] for d in datasets}
     remove_stale(datasets, "latent", arch.traits.cache_code, summary, args.keep_cache, written)
     return summary
 
