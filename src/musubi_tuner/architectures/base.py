@@ -165,6 +165,11 @@ class Architecture:
         (convert_lora.py: exact names, and the diffusers layout)."""
         raise self._missing("lora_targets_for_conversion")
 
+    def lora_state_dict_for_merge(self, lora_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA file's state dict -> this family's module names, before it is merged for generation (FramePack
+        also takes HunyuanVideo LoRAs, converted, as the reference). Default: as it is."""
+        return lora_sd
+
     def dit_state_dict_to_original(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Diffusers state dict -> original/ComfyUI key layout (for --save_merged_model)."""
         raise self._missing("dit_state_dict_to_original")

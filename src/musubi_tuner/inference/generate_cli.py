@@ -82,7 +82,30 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class GenerationSession:
-    """Models loaded once; `generate(spec)` renders and writes one request."""
+    """Models loaded once; `generate(spec)` renders and writes one request.
+
+    A family that samples in several passes (FramePack's sections) subclasses this and passes its class to
+    `generate_main`: its own flags (`add_arguments`), their checks (`check_arguments`), how flags and prompt lines
+    become requests (`requests`), and `encode_all`/`generate`/`write`."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Flags of the session's own sampling loop; none for the single-pass families."""
+
+    @classmethod
+    def check_arguments(cls, arch: Architecture, args: argparse.Namespace) -> None:
+        """Checks of those flags, before any model loads."""
+
+    @classmethod
+    def requests(cls, arch: Architecture, args: argparse.Namespace) -> Iterable[PromptSpec]:
+        return requests(arch, args)
+
+    @classmethod
+    def check_request(cls, arch: Architecture, spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
+        """One request resolved and checked (interactive lines are checked as they come)."""
+        from musubi_tuner.inference.prompt_checks import check_request
+
+        return check_request(arch, spec, args)
 
     def __init__(self, arch: Architecture, args: argparse.Namespace):
         from musubi_tuner.caching import resolve_device
@@ -235,20 +258,20 @@ def run_interactive(session: GenerationSession, specs: Iterable[PromptSpec]) -> 
     """Typed prompts, each checked as it comes; a bad one is reported and the session goes on."""
     import sys
 
-    from musubi_tuner.inference.prompt_checks import check_request
     from musubi_tuner.inference.prompts import PromptOptionError
 
     session.load_dit()
     for spec in specs:
         try:
-            resolved = check_request(session.arch, spec, session.args)
+            resolved = session.check_request(session.arch, spec, session.args)
         except PromptOptionError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
         session.generate(resolved)
 
 
-def generate_main(arch_name: str, argv: list[str] | None) -> None:
+def generate_main(arch_name: str, argv: list[str] | None,
+                  session_type: type[GenerationSession] = GenerationSession) -> None:
     from musubi_tuner.architectures import get_architecture
 
     arch = get_architecture(arch_name)
@@ -257,6 +280,7 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
     parser = FlagParser(description=f"{arch_name}: generate with a LoRA")
     add_generation_arguments(parser)
     arch.add_arguments(parser, "generate")
+    session_type.add_arguments(parser)
     args = parser.parse_args(argv)
     used = [f"--{n}" for n in NOT_YET_SUPPORTED if getattr(args, n, None) not in (None, False)]
     if used:
@@ -269,6 +293,7 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
     if len(args.lora_multiplier) > len(args.lora_weight):
         raise UserError("more --lora_multiplier values than --lora_weight files")
     arch.validate_arguments(args, "generate")
+    session_type.check_arguments(arch, args)
     if args.latent_path and args.save_merged_model:
         raise UserError("--latent_path (decode only) and --save_merged_model (merge only) do different jobs; run them separately")
     if not args.save_path and not args.save_merged_model:
@@ -281,7 +306,7 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
         check_output_dir(args.save_path, "--save_path")
     if args.latent_path:
         check_latent_files(args.latent_path)
-        decode_latent_files(GenerationSession(arch, args), args.latent_path)
+        decode_latent_files(session_type(arch, args), args.latent_path)
         return
     if args.save_merged_model:
         from musubi_tuner.inference.lora_merge import save_merged_model
@@ -289,10 +314,10 @@ def generate_main(arch_name: str, argv: list[str] | None) -> None:
         save_merged_model(arch, args)
         return
     if args.interactive:
-        run_interactive(GenerationSession(arch, args), requests(arch, args))
+        run_interactive(session_type(arch, args), session_type.requests(arch, args))
         return
-    specs = list(requests(arch, args))  # all parsed and checked before any model loads
-    session = GenerationSession(arch, args)
+    specs = list(session_type.requests(arch, args))  # all parsed and checked before any model loads
+    session = session_type(arch, args)
     conditions = session.encode_all(specs)
     session.load_dit()
     for spec, condition in zip(specs, conditions):

@@ -61,7 +61,7 @@ def merge_loras_into_dit(arch: Architecture, dit: torch.nn.Module, paths: Sequen
     from musubi_tuner.networks.lora import create_network_from_weights
 
     for path, multiplier in zip(paths, _multipliers(paths, multipliers)):
-        sd = filter_lora_modules(load_finite_lora(path, flag), include, exclude)
+        sd = filter_lora_modules(arch.lora_state_dict_for_merge(load_finite_lora(path, flag)), include, exclude)
         if not sd:
             raise UserError(f"{flag} {path}: no module left after --include/--exclude_patterns")
         network = create_network_from_weights(arch, dit, sd, multiplier, source=f"{flag} {path}")
@@ -83,13 +83,16 @@ def refuse_non_dit(path: str, keys) -> None:
 
 def merge_lora_files(dit: str, lora_paths: Sequence[str], multipliers: Sequence[float], output: str, *,
                      targets=None, device=None, include: Sequence[str] | None = None,
-                     exclude: Sequence[str] | None = None) -> None:
+                     exclude: Sequence[str] | None = None, rename=None) -> None:
     """Merge LoRA files (any layout) into a DiT file in its ORIGINAL key layout and write `output` (atomic).
-    Serves merge_lora.py and every generate script's --save_merged_model, for every architecture."""
+    Serves merge_lora.py and every generate script's --save_merged_model, for every architecture.
+    rename: the family's `lora_state_dict_for_merge`, applied to each LoRA before the module filters."""
     from musubi_tuner.models.checkpoint_io import load_state_dict, save_state_dict
     from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
 
-    loras = [filter_lora_modules(load_finite_lora(path), include, exclude) for path in lora_paths]  # before the DiT
+    rename = rename or (lambda sd: sd)
+    # every LoRA is read (and checked) before the DiT
+    loras = [filter_lora_modules(rename(load_finite_lora(path)), include, exclude) for path in lora_paths]
     logger.info("loading %s", dit)
     base = load_state_dict(dit, flag="--dit")
     refuse_non_dit(dit, base.keys())
@@ -110,4 +113,5 @@ def save_merged_model(arch: Architecture, args: argparse.Namespace) -> None:
     if not args.lora_weight:
         raise UserError("--save_merged_model needs at least one --lora_weight")
     merge_lora_files(args.dit, args.lora_weight, args.lora_multiplier, args.save_merged_model,
-                     include=args.include_patterns, exclude=args.exclude_patterns)
+                     include=args.include_patterns, exclude=args.exclude_patterns,
+                     rename=arch.lora_state_dict_for_merge)

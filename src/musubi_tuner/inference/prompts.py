@@ -63,6 +63,14 @@ class PromptSpec:
     """--cim, repeatable."""
     video_sections: int | None = None
     """--vs (FramePack)."""
+    video_seconds: float | None = None
+    """--f in FramePack's generate script: the video length in seconds."""
+    magcache_retention_ratio: float | None = None
+    """--mcrr (FramePack MagCache)."""
+    magcache_threshold: float | None = None
+    """--mct (FramePack MagCache)."""
+    magcache_k: int | None = None
+    """--mck (FramePack MagCache)."""
     index: int = 0
     """Position in the prompt file (names sample files)."""
     source: str = field(default="", compare=False)
@@ -125,14 +133,17 @@ def _set(spec: PromptSpec, name: str, value: Any) -> None:
 
 
 def parse_prompt_line(line: str, defaults: PromptSpec | None = None, g_means_cfg: bool = False,
-                      where: str = "prompt") -> PromptSpec | None:
+                      where: str = "prompt", options: dict[str, tuple[str, Callable[[str], Any]]] | None = None
+                      ) -> PromptSpec | None:
     """Parse one prompt line; None for a blank line or a `#` comment.
 
     Fields not given on the line come from `defaults`. An unknown option or a bad value raises
     `PromptOptionError` naming `where` (`prompts.txt line 3`) and the option: the reference skipped them with a
     warning, which hid typos until a sample came out wrong. `g_means_cfg=True` makes `--g` the CFG scale, as
-    in the reference's Wan/FramePack generate scripts where `--g` and `--l` are the same.
+    in the reference's Wan/FramePack generate scripts where `--g` and `--l` are the same. `options`: a script's
+    own option table instead of `LINE_OPTIONS` (FramePack's generate script reads `--f` as seconds).
     """
+    options = LINE_OPTIONS if options is None else options
     line = line.strip()
     if not line or line.startswith("#"):
         return None
@@ -148,10 +159,10 @@ def parse_prompt_line(line: str, defaults: PromptSpec | None = None, g_means_cfg
         option = option.lower()
         if g_means_cfg and option == "g":
             option = "l"
-        if option not in LINE_OPTIONS:
-            known = " ".join(f"--{o}" for o in LINE_OPTIONS)
+        if option not in options:
+            known = " ".join(f"--{o}" for o in options)
             raise PromptOptionError(f"{where}: --{option}: unknown option; the options are {known}")
-        name, convert = LINE_OPTIONS[option]
+        name, convert = options[option]
         try:
             converted = convert(value.strip())
         except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -244,7 +255,8 @@ def _toml_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def load_prompt_file(
-    path: str | os.PathLike, defaults: PromptSpec | None = None, g_means_cfg: bool = False
+    path: str | os.PathLike, defaults: PromptSpec | None = None, g_means_cfg: bool = False,
+    options: dict[str, tuple[str, Callable[[str], Any]]] | None = None,
 ) -> list[PromptSpec]:
     """Read prompts from .txt (one line each), .toml ([prompt] + [[prompt.subset]]) or .json (a list).
 
@@ -272,7 +284,7 @@ def load_prompt_file(
     for n, entry in enumerate(entries):
         if isinstance(entry, str):
             where = f"{path} line {n + 1}" if suffix == ".txt" else f"{path} entry {n}"
-            spec = parse_prompt_line(entry, defaults, g_means_cfg=g_means_cfg, where=where)
+            spec = parse_prompt_line(entry, defaults, g_means_cfg=g_means_cfg, where=where, options=options)
         elif isinstance(entry, dict):
             spec = prompt_from_dict(entry, defaults, where=f"{path} entry {n}")
         else:
@@ -300,7 +312,8 @@ def _console_lines() -> Iterator[str]:
 
 
 def interactive_prompts(
-    stream: TextIO | None = None, defaults: PromptSpec | None = None, g_means_cfg: bool = False
+    stream: TextIO | None = None, defaults: PromptSpec | None = None, g_means_cfg: bool = False,
+    options: dict[str, tuple[str, Callable[[str], Any]]] | None = None,
 ) -> Iterator[PromptSpec]:
     """Yield one PromptSpec per entered line (inline options allowed) until end of input.
 
@@ -316,7 +329,8 @@ def interactive_prompts(
     index = 0
     for number, line in enumerate(lines, start=1):
         try:
-            spec = parse_prompt_line(line, defaults, g_means_cfg=g_means_cfg, where=f"input line {number}")
+            spec = parse_prompt_line(line, defaults, g_means_cfg=g_means_cfg, where=f"input line {number}",
+                                     options=options)
         except PromptOptionError as exc:  # a typo must not end a session whose models are loaded
             print(f"error: {exc}", file=sys.stderr)
             continue

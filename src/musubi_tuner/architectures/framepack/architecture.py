@@ -228,12 +228,16 @@ class FramePackArchitecture(Architecture):
 
         return load_hunyuan_text_encoders(args, device)
 
-    def encode_prompts(self, encoders: Any, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+    def encode_prompts(self, encoders: Any, prompts: list[str], system_prompt: str | None = None
+                       ) -> list[dict[str, torch.Tensor]]:
         """`llama_vec` (512, hidden): the prompt's LLM states, zeros after them; `llama_attention_mask` (512,) bool;
-        `clip_l_pooler` (768,): the reference's FramePack text cache."""
+        `clip_l_pooler` (768,): the reference's FramePack text cache. system_prompt: generation's
+        `--custom_system_prompt` in place of the video template's system text."""
+        from musubi_tuner.models.hunyuan_video.prompt_template import system_prompt_template
         from musubi_tuner.models.hunyuan_video.text_encoders import encode_clip, encode_llm
 
-        states, masks = encode_llm(encoders.llm, encoders.llm_tokenizer, prompts)
+        template = system_prompt_template(system_prompt) if system_prompt else None
+        states, masks = encode_llm(encoders.llm, encoders.llm_tokenizer, prompts, template=template)
         pooled, _ = encode_clip(encoders.clip, encoders.clip_tokenizer, prompts)
         out = []
         for state, mask, pool in zip(states, masks, pooled):
@@ -263,6 +267,12 @@ class FramePackArchitecture(Architecture):
         from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_candidates
 
         return framepack_lora_candidates(dit)
+
+    def lora_state_dict_for_merge(self, lora_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Generation also takes musubi and diffusion-pipe HunyuanVideo LoRAs, converted (as the reference)."""
+        from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_from_any
+
+        return framepack_lora_from_any(lora_sd)
 
     def lora_targets_for_conversion(self, lora_sd: dict[str, torch.Tensor]) -> list[LoraTarget]:
         from musubi_tuner.architectures.framepack.lora_conversion import framepack_lora_targets_for_conversion

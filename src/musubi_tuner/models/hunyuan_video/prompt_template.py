@@ -30,6 +30,13 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>
 """LLaMA-3 special tokens a tokenizer needs for these templates (the tiny test tokenizer has them too)."""
 
 
+def system_prompt_template(system_prompt: str) -> str:
+    """The video template with its system text replaced (FramePack's `--custom_system_prompt`); the crop is counted
+    from the new prefix as for the built-in templates."""
+    return ("<|start_header_id|>system<|end_header_id|>\n\n" + system_prompt.replace("{}", "{ }") +
+            "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>")
+
+
 def apply_template(template: str, prompt: str) -> str:
     return template.replace("{}", prompt, 1)
 

@@ -127,10 +127,13 @@ def load_hunyuan_text_encoders(args: argparse.Namespace, device: torch.device | 
 
 # ---- encoding ----------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_llm(llm: nn.Module, tokenizer, prompts: list[str], *, image_template: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states (B, 256, hidden) in the LLM's dtype, attention mask (B, 256) int64), both on the CPU."""
-    template = IMAGE_TEMPLATE if image_template else VIDEO_TEMPLATE
+def encode_llm(llm: nn.Module, tokenizer, prompts: list[str], *, image_template: bool = False,
+               template: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (B, 256, hidden) in the LLM's dtype, attention mask (B, 256) int64), both on the CPU.
+
+    template: a template of one's own with `{}` for the prompt (`system_prompt_template`); default HunyuanVideo's
+    video template (image_template: its image one)."""
+    template = template or (IMAGE_TEMPLATE if image_template else VIDEO_TEMPLATE)
     crop = template_crop(tokenizer, template)
     tokens = tokenizer([apply_template(template, p) for p in prompts], max_length=crop + LLM_MAX_LENGTH,
                        padding="max_length", truncation=True, return_tensors="pt")
