@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_framepack_e2e import write_one_frame_dataset, write_video_dataset, ws  # noqa: F401  (module fixture)
+from test_framepack_e2e import f1, vanilla, write_one_frame_dataset, write_video_dataset, ws  # noqa: F401  (fixtures)
 from wan_fixtures import run
 
-from musubi_tuner import fpack_train_network
+from musubi_tuner import fpack_generate_video, fpack_train_network
 from musubi_tuner.architectures.framepack.training_samples import video_sections
 from musubi_tuner.dataset.media import decode_frames, probe_video
 
@@ -64,13 +64,22 @@ def test_one_frame_training_writes_a_sample_image(ws, tmp_path):  # noqa: F811
     assert Image.open(written[0]).size == (32, 32)
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("a dot --w 32 --h 32 --f 9", "prompts.txt line 1: FramePack samples are image-to-video; add --i"),
-    ("a dot --i {img} --w 32 --h 32 --f 5", "--f 5 frames make no section of --latent_window_size 2; give --f 9"),
-    ("a dot --i {img} --w 30 --h 32 --f 9", "--w"),
-    ("a dot --i missing.png --w 32 --h 32 --f 9", "--i missing.png: file not found"),
+def test_f1_training_samples_forward_sections(ws, f1, tmp_path):  # noqa: F811
+    start = tmp_path / "start.png"
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(start)
+    written = _train_with_samples(ws, f1, tmp_path / "out", f"a dot --i {start} --w 32 --h 32 --vs 1 --s 2 --d 1\n",
+                                  "--f1")
+    assert [p.suffix for p in written] == [".mp4"] and _frames(written[0]).shape[0] == 9
+
+
+@pytest.mark.parametrize(("line", "extra", "message"), [
+    ("a dot --w 32 --h 32 --f 9", [], "prompts.txt line 1: FramePack samples are image-to-video; add --i"),
+    ("a dot --i {img} --w 32 --h 32 --f 5", [], "--f 5 frames make no section of --latent_window_size 2; give --f 9"),
+    ("a dot --i {img} --w 30 --h 32 --f 9", [], "line 1: --w: must be a positive multiple of 16, got 30"),
+    ("a dot --i missing.png --w 32 --h 32 --f 9", [], "--i missing.png: file not found"),
+    ("a dot --i {img} --w 32 --h 32 --of bogus", ["--one_frame"], "line 1: --of: unknown option 'bogus'"),
 ])
-def test_a_bad_sample_line_fails_before_any_model_loads(tmp_path, capsys, line, message):
+def test_a_bad_sample_line_fails_before_any_model_loads(tmp_path, capsys, line, extra, message):
     toml = write_video_dataset(tmp_path)
     img = tmp_path / "start.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(img)
@@ -78,7 +87,7 @@ def test_a_bad_sample_line_fails_before_any_model_loads(tmp_path, capsys, line, 
     prompts.write_text(line.format(img=img) + "\n")
     argv = ["--dit", "missing.safetensors", "--dataset_config", str(toml), "--output_dir", str(tmp_path / "out"),
             "--image_encoder", "missing_siglip.safetensors", "--latent_window_size", "2",
-            "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"]
+            "--sample_prompts", str(prompts), "--sample_every_n_steps", "1", *extra]
     assert run(fpack_train_network.main, argv) == 2
     assert message in capsys.readouterr().err
 
@@ -91,3 +100,19 @@ def test_sample_prompts_need_the_image_encoder(tmp_path, capsys):
             "--sample_prompts", str(prompts)]
     assert run(fpack_train_network.main, argv) == 2
     assert "--sample_prompts needs --image_encoder" in capsys.readouterr().err
+
+
+def test_a_sample_before_training_is_what_the_generate_script_makes(ws, vanilla, tmp_path):  # noqa: F811
+    """Same DiT, prompt, start image, seed and steps: --sample_at_first renders the video fpack_generate_video.py
+    renders (the same session code, the same seeded noise)."""
+    start = tmp_path / "start.png"
+    Image.fromarray(np.full((32, 32, 3), 60, dtype=np.uint8)).save(start)
+    [sample] = _train_with_samples(ws, vanilla, tmp_path / "out", f"a blue square --i {start} --w 32 --h 32 --f 9 "
+                                   "--s 3 --d 11\n", "--sample_at_first", "--sample_every_n_steps", "100")
+    argv = ["--dit", str(ws.dit), *ws.vae_args, *ws.te_args, "--prompt", "a blue square", "--image_path", str(start),
+            "--video_size", "32", "32", "--latent_window_size", "2", "--video_sections", "1", "--infer_steps", "3",
+            "--seed", "11", "--save_path", str(tmp_path / "gen"), "--device", "cpu", "--output_type", "video"]
+    assert run(fpack_generate_video.main, argv) == 0
+    [generated] = (tmp_path / "gen").glob("*.mp4")
+    assert "_e000000_00_" in sample.name  # before the first epoch
+    assert np.array_equal(_frames(sample), _frames(generated))

@@ -105,7 +105,8 @@ class FramePackTrainingSampler(FramePackSession):
         was_training, self.dit = dit.training, dit
         try:
             for spec, conditions in zip(self.specs, self.conditions):
-                with torch.random.fork_rng(devices=[]), autocast():  # sampling must not move the training RNG
+                # sampling must not move the training RNG nor build a graph
+                with torch.random.fork_rng(devices=[]), torch.no_grad(), autocast():
                     latents = self.sample(spec, conditions)
                 frames = self.decode(latents, spec.one_frame is not None)
                 stamp = datetime.now().strftime("%Y%m%d%H%M%S")
