@@ -258,7 +258,7 @@ def framepack_demo(out: Path, steps: int) -> dict[str, Path]:
         f'cache_directory = "{(out / "cache").as_posix()}"\ntarget_frames = [17]\nframe_extraction = "head"\n'
         'fp_latent_window_size = 2\n')
     start = out / "data" / "start_frame.png"
-    Image.open(sorted(data["images"].glob("*.png"))[0]).save(start)
+    Image.open(min(data["images"].glob("*.png"))).save(start)
     prompts = out / "sample_prompts.txt"
     # --f 9 at --latent_window_size 2: one section (9 frames), as the reference trainer counts sections
     prompts.write_text(f"a red circle moving in a circle --i {start.as_posix()} --w 64 --h 64 --f 9 --s 8 --d 1\n")

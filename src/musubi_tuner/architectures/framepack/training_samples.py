@@ -15,13 +15,13 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 
-from musubi_tuner.architectures.framepack import generation_sections as gs
 from musubi_tuner.architectures.framepack.generation_session import FramePackSession
 from musubi_tuner.inference.prompts import PromptOptionError, PromptSpec
 
@@ -49,8 +49,10 @@ def video_sections(frames: int, window: int) -> int:
     return ((frames - 1) // 4) // window
 
 
-def check_sample_line(arch, spec: PromptSpec, args: argparse.Namespace) -> PromptSpec:
-    """One sample line made a FramePack request and checked (raises PromptOptionError naming the line)."""
+def check_sample_line(arch, spec: PromptSpec, args: argparse.Namespace,
+                      generation: argparse.Namespace) -> PromptSpec:
+    """One sample line made a FramePack request and checked (raises PromptOptionError naming the line).
+    generation: `session_args(args)`."""
     from musubi_tuner.architectures.framepack.generation_flags import check_framepack_request
     from musubi_tuner.inference.training_samples import sample_request
 
@@ -69,13 +71,15 @@ def check_sample_line(arch, spec: PromptSpec, args: argparse.Namespace) -> Promp
             raise PromptOptionError(f"{where}: --f {spec.frames} frames make no section of --latent_window_size "
                                     f"{args.latent_window_size}; give --f {need} or more (or --vs N)")
         spec = dataclasses.replace(spec, one_frame=None, video_sections=sections)
-    return check_framepack_request(arch, spec, session_args(args))
+    return check_framepack_request(arch, spec, generation)
 
 
 def load_framepack_sample_requests(arch, args: argparse.Namespace) -> list[PromptSpec]:
     from musubi_tuner.inference.prompts import load_prompt_file
 
-    return [check_sample_line(arch, spec, args) for spec in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
+    generation = session_args(args)
+    return [check_sample_line(arch, spec, args, generation)
+            for spec in load_prompt_file(args.sample_prompts, SAMPLE_DEFAULTS)]
 
 
 class FramePackTrainingSampler(FramePackSession):
@@ -96,7 +100,7 @@ class FramePackTrainingSampler(FramePackSession):
         logger.info("%d FramePack sample prompts ready", len(self.specs))
 
     def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None,
-            autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> list[Path]:
+            autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> list[Path]:
         from musubi_tuner.inference.generate import generation_metadata
         from musubi_tuner.inference.outputs import write_outputs
 
