@@ -116,3 +116,14 @@ def test_a_sample_before_training_is_what_the_generate_script_makes(ws, vanilla,
     [generated] = (tmp_path / "gen").glob("*.mp4")
     assert "_e000000_00_" in sample.name  # before the first epoch
     assert np.array_equal(_frames(sample), _frames(generated))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_samples_work_in_mixed_precision(ws, vanilla, tmp_path, precision):  # noqa: F811
+    """The sampler runs in the trained DiT's dtype under the step's autocast (fp16 on a CPU failed in fp32)."""
+    start = tmp_path / "start.png"
+    Image.fromarray(np.full((32, 32, 3), 60, dtype=np.uint8)).save(start)
+    [sample] = _train_with_samples(ws, vanilla, tmp_path / "out", f"a --i {start} --w 32 --h 32 --f 9 --s 2 --d 1\n",
+                                   "--mixed_precision", precision)
+    frames = _frames(sample)
+    assert frames.shape[0] == 9 and frames.std() > 0

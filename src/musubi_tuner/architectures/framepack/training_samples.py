@@ -99,6 +99,13 @@ class FramePackTrainingSampler(FramePackSession):
         self.folder = Path(self.args.save_path)
         logger.info("%d FramePack sample prompts ready", len(self.specs))
 
+    def _settings(self, spec: PromptSpec):
+        """The generate script's, in the trained DiT's compute dtype (a bf16/fp16 DiT under the step's autocast,
+        fp32 without mixed precision) rather than its bf16-on-CUDA."""
+        from musubi_tuner.architectures.common import dit_compute_dtype
+
+        return dataclasses.replace(super()._settings(spec), dtype=dit_compute_dtype(self.dit), progress=False)
+
     def run(self, dit: torch.nn.Module, *, epoch: int | None = None, step: int | None = None,
             autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> list[Path]:
         from musubi_tuner.inference.generate import generation_metadata
