@@ -15,12 +15,34 @@ def test_demo_runs_every_stage(arch, tmp_path, capsys):
     root = tmp_path / arch
     assert (root / "lora" / "demo_lora.safetensors").is_file()
     assert (root / "lora" / "demo_lora-state" / "musubi_state.json").is_file()
-    if arch == "framepack":  # training only so far: its generate script is not on this branch, merge_lora is HV's
-        assert "merged DiT" not in out and "demo_lora-step00000002.safetensors" in {p.name for p in (root / "lora").iterdir()}
-        return
     assert list((root / "lora" / "sample").iterdir())
     assert list((root / "generated").iterdir())
     assert (root / "merged" / "tiny_merged.safetensors").is_file()
+    for what in ("samples during training", "generated", "merged DiT"):
+        assert what in out
+
+
+def test_framepack_demo_samples_and_merges_every_shard(tmp_path, capsys):
+    """FramePack: a sample video during training and a generated video (both from the start frame), and the
+    3-shard DiT merged into one file with every key."""
+    from safetensors import safe_open
+
+    from musubi_tuner.dataset.media import probe_video
+
+    root = tmp_path / "fp"
+    demo.main(["--arch", "framepack", "--output_dir", str(root), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "=== 5/5 merge the LoRA into the DiT ===" in out
+    [sample] = (root / "lora" / "sample").iterdir()
+    assert sample.suffix == ".mp4" and probe_video(sample)[0] == 9  # one section of window 2
+    videos = list((root / "generated").glob("*.mp4"))
+    assert len(videos) == 1 and probe_video(videos[0])[0] == 9
+    shard_keys = set()
+    for shard in (root / "models" / "dit").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            shard_keys |= set(f.keys())
+    with safe_open(str(root / "merged" / "tiny_merged.safetensors"), "pt") as f:
+        assert set(f.keys()) == shard_keys
 
 
 def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path, capsys):

@@ -53,7 +53,7 @@ def _image(path: Path, color, mode="RGB") -> Path:
 
 
 @pytest.fixture(scope="module")
-def ws(one_thread, tmp_path_factory) -> GenWorkspace:
+def ws(one_torch_thread, tmp_path_factory) -> GenWorkspace:
     root = tmp_path_factory.mktemp("fp_gen")
     models = root / "models"
     files = FpWorkspace(root=root, dit=save_tiny_framepack(models / "dit", "single"),

@@ -332,13 +332,3 @@ def test_training_refuses_caches_of_another_kind(ws, tmp_path, capsys):
     save_file({"llama_vec_float32": torch.zeros(512, 32)}, str(cache / "blue_square_fp_te.safetensors"))
     assert run(fpack_train_network.main, ws.train_args(toml, tmp_path / "out", 1)) == 2
     assert "is not a FramePack section cache (no latent_indices, latents_clean" in capsys.readouterr().err
-
-
-def test_sample_prompts_are_refused_before_training_starts(tmp_path, capsys):
-    toml = write_video_dataset(tmp_path)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a dot --w 32 --h 32 --f 9 --s 2\n")
-    argv = ["--dit", "missing.safetensors", "--dataset_config", str(toml), "--output_dir", str(tmp_path / "out"),
-            "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"]
-    assert run(fpack_train_network.main, argv) == 2
-    assert "--sample_prompts: samples during FramePack training are not wired" in capsys.readouterr().err

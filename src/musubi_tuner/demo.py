@@ -34,8 +34,6 @@ class Workflow:
     train_args: list[str]
     generate_args: list[str]
     generated: str = "generated video"
-    merge: bool = True
-    """Run merge_lora.py (its reference version merges into HunyuanVideo-layout DiTs); FramePack has none."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -93,10 +91,9 @@ def run_workflow(w: Workflow) -> dict[str, Path]:
         stages.append(("generate with the LoRA", w.scripts["generate"],
                        ["--dit", str(w.dit), *w.vae_args, *w.text_args, "--lora_weight", str(w.lora), *w.generate_args,
                         "--seed", "7", "--save_path", str(w.out / "generated"), "--device", "cpu"]))
-    if w.merge:
-        stages.append(("merge the LoRA into the DiT", merge_lora.main,
-                       ["--dit", str(w.dit), "--lora_weight", str(w.lora), "--lora_multiplier", "1.0",
-                        "--save_merged_model", str(merged)]))
+    stages.append(("merge the LoRA into the DiT", merge_lora.main,
+                   ["--dit", str(w.dit), "--lora_weight", str(w.lora), "--lora_multiplier", "1.0",
+                    "--save_merged_model", str(merged)]))
     for number, (title, main, argv) in enumerate(stages, start=1):
         w.timings[title] = run_step(f"{number}/{len(stages)} {title}", main, argv)
     outputs = {"dataset config": w.toml, "latent/text caches": w.out / "cache", "LoRA": w.lora,
@@ -235,8 +232,16 @@ def hunyuan_video_demo(out: Path, steps: int) -> dict[str, Path]:
 
 def framepack_demo(out: Path, steps: int) -> dict[str, Path]:
     """FramePack: lllyasviel's 3-shard DiT layout, the HunyuanVideo VAE and text encoders, a ComfyUI SigLIP file;
-    17-frame clips cut into per-section caches (fp_latent_window_size 2: 2 sections each)."""
-    from musubi_tuner import fpack_cache_latents, fpack_cache_text_encoder_outputs, fpack_train_network
+    17-frame clips cut into per-section caches (fp_latent_window_size 2: 2 sections each). Image-to-video: the
+    sample during training and the generated video start from the first clip's first frame."""
+    from PIL import Image
+
+    from musubi_tuner import (
+        fpack_cache_latents,
+        fpack_cache_text_encoder_outputs,
+        fpack_generate_video,
+        fpack_train_network,
+    )
     from musubi_tuner.architectures.framepack.tiny import save_tiny_framepack
     from musubi_tuner.demo_data import make_demo_dataset
     from musubi_tuner.models.hunyuan_video.tiny_text import write_tiny_hunyuan_text_files
@@ -252,18 +257,26 @@ def framepack_demo(out: Path, steps: int) -> dict[str, Path]:
         f'{GENERAL}\n[[datasets]]\nvideo_directory = "{data["videos"].as_posix()}"\n'
         f'cache_directory = "{(out / "cache").as_posix()}"\ntarget_frames = [17]\nframe_extraction = "head"\n'
         'fp_latent_window_size = 2\n')
+    start = out / "data" / "start_frame.png"
+    Image.open(min(data["images"].glob("*.png"))).save(start)
+    prompts = out / "sample_prompts.txt"
+    # --f 9 at --latent_window_size 2: one section (9 frames), as the reference trainer counts sections
+    prompts.write_text(f"a red circle moving in a circle --i {start.as_posix()} --w 64 --h 64 --f 9 --s 8 --d 1\n")
     return run_workflow(Workflow(
-        out=out, dit=dit, merge=False,
+        out=out, dit=dit,
         scripts={"cache_latents": fpack_cache_latents.main, "cache_text": fpack_cache_text_encoder_outputs.main,
-                 "train": fpack_train_network.main},
+                 "train": fpack_train_network.main, "generate": fpack_generate_video.main},
         vae_args=["--vae", str(vae), "--vae_dtype", "float32", "--vae_chunk_size", "32", "--image_encoder",
                   str(siglip)],
         text_args=["--text_encoder1", str(text["llm"]), "--text_encoder2", str(text["clip_l"]),
                    "--llm_tokenizer", str(text["llm_tokenizer"]), "--clip_tokenizer", str(text["clip_tokenizer"]),
                    "--text_encoder_dtype", "float32"],
         train_args=["--network_module", "networks.lora_framepack", "--timestep_sampling", "shift",
-                    "--discrete_flow_shift", "3.0", "--weighting_scheme", "none", *common_train_args(out, steps, None)],
-        generate_args=[],
+                    "--discrete_flow_shift", "3.0", "--weighting_scheme", "none", "--latent_window_size", "2",
+                    *common_train_args(out, steps, prompts)],
+        generate_args=["--prompt", "a red circle moving in a circle", "--image_path", str(start),
+                       "--video_size", "64", "64", "--latent_window_size", "2", "--video_sections", "1",
+                       "--infer_steps", "8", "--output_type", "both"],
     ))
 
 

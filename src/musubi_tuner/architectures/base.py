@@ -266,6 +266,20 @@ class Architecture:
         None (the default): this family cannot skip blocks."""
         return None
 
+    def sample_requests(self, args: argparse.Namespace) -> list[Any]:
+        """Every `--sample_prompts` line parsed and checked (training calls this before any model loads).
+        Default: one latent block per line (`inference.training_samples`)."""
+        from musubi_tuner.inference.training_samples import load_sample_requests
+
+        return load_sample_requests(self, args)
+
+    def training_sampler(self, args: argparse.Namespace, device: torch.device) -> Any:
+        """What renders the sample prompts during training: an object with `run(dit, epoch=, step=, autocast=)`.
+        Default: the generate scripts' `render()`; FramePack runs its section loop."""
+        from musubi_tuner.inference.training_samples import TrainingSampler
+
+        return TrainingSampler(self, args, device)
+
     def prompt_spec_from_args(self, args: argparse.Namespace) -> Any:
         """The generate script's flags (size, frames, images ...) as an `inference.prompts.PromptSpec`."""
         raise self._missing("prompt_spec_from_args")

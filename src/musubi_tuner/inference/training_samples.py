@@ -56,7 +56,7 @@ def load_sample_requests(arch: Architecture, args: argparse.Namespace) -> list[P
 class TrainingSampler:
     def __init__(self, arch: Architecture, args: argparse.Namespace, device: torch.device):
         self.arch, self.args, self.device = arch, args, device
-        self.specs = load_sample_requests(arch, args)
+        self.specs = arch.sample_requests(args)
         text_encoders = arch.load_text_encoders(args, device)
         self.conditions = [encode_conditions(arch, text_encoders, spec) for spec in self.specs]
         del text_encoders

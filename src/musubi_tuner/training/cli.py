@@ -73,9 +73,7 @@ def parse_training_args(arch, argv: list[str] | None) -> argparse.Namespace:
     if args.network_dim is None and not args.dim_from_weights:
         args.network_dim = 4
     if args.sample_prompts:
-        from musubi_tuner.inference.training_samples import load_sample_requests
-
-        load_sample_requests(arch, args)  # every line checked now, not when its sample step comes
+        arch.sample_requests(args)  # every line checked now, not when its sample step comes
     return args
 
 

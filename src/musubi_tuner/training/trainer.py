@@ -287,9 +287,7 @@ class NetworkTrainer:
     def _prepare_sampling(self) -> None:
         if not self.args.sample_prompts:
             return
-        from musubi_tuner.inference.training_samples import TrainingSampler
-
-        self.samples = TrainingSampler(self.arch, self.args, self.device)
+        self.samples = self.arch.training_sampler(self.args, self.device)
 
     def _start_logging(self) -> None:
         args = self.args

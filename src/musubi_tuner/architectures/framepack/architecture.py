@@ -110,11 +110,9 @@ class FramePackArchitecture(Architecture):
                                 "or drop them")
             if args.f1 and args.one_frame:
                 raise UserError("--f1 and --one_frame are different cache kinds; give one of them")
-        if purpose == "train" and getattr(args, "sample_prompts", None):
-            # the shared sampler renders one latent block; FramePack renders section by section (sampling.py). Until
-            # the trainer's samples go through that loop, refuse here rather than fail at the first sample step.
-            raise UserError("--sample_prompts: samples during FramePack training are not wired to the section "
-                            "sampler yet; drop the flag and generate from a saved LoRA with fpack_generate_video.py")
+        if purpose == "train" and getattr(args, "sample_prompts", None) and not args.image_encoder:
+            raise UserError("--sample_prompts needs --image_encoder (sigclip_vision_patch14_384.safetensors): "
+                            "FramePack samples are conditioned on the SigLIP embedding of each line's --i image")
         if getattr(args, "latent_window_size", 9) < 1:
             raise UserError(f"--latent_window_size {args.latent_window_size}: must be a positive number (default 9)")
 
@@ -329,6 +327,16 @@ class FramePackArchitecture(Architecture):
         return out.to(noisy_latents.dtype)
 
     # ---- generation (the section loop lives in sampling.py) ------------------------------------------
+    def sample_requests(self, args: argparse.Namespace) -> list[Any]:
+        from musubi_tuner.architectures.framepack.training_samples import load_framepack_sample_requests
+
+        return load_framepack_sample_requests(self, args)
+
+    def training_sampler(self, args: argparse.Namespace, device: torch.device) -> Any:
+        from musubi_tuner.architectures.framepack.training_samples import FramePackTrainingSampler
+
+        return FramePackTrainingSampler(self, args, device)
+
     def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         if width % 16 or height % 16:
             raise UserError(f"--video_size {height} {width}: height and width must be multiples of 16")

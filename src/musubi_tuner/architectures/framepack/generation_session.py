@@ -160,6 +160,11 @@ class FramePackSession(GenerationSession):
         return width, height
 
     def generate(self, spec: PromptSpec, conditions: Conditions | None = None) -> list[Path]:
+        return self.write(self.sample(spec, conditions), spec)
+
+    def sample(self, spec: PromptSpec, conditions: Conditions | None = None) -> torch.Tensor:
+        """The request's latents (1, 16, T, h, w): its section loop or one-frame inference (samples during
+        training call this with the DiT being trained)."""
         from musubi_tuner.architectures.framepack import one_frame
 
         prompts, negative = conditions or encode_section_prompts(self.arch, self.interactive_encoders(), spec,
@@ -180,7 +185,7 @@ class FramePackSession(GenerationSession):
             latents = self._sample_video(spec, prompts, negative, images, width, height, settings, generator, magcache)
         if magcache is not None:
             self._report_magcache(magcache)
-        return self.write(latents, spec)
+        return latents
 
     def _sample_video(self, spec, prompts, negative, images, width, height, settings, generator, magcache):
         from musubi_tuner.architectures.framepack import sampling
