@@ -207,6 +207,9 @@ def test_custom_system_prompt_changes_the_conditioning(ws, tmp_path):
 def test_block_swap_with_magcache_gives_the_same_video(ws, tmp_path):
     common = ["--prompt", "a red square", "--image_path", str(ws.start), "--video_sections", "1", "--infer_steps", "6",
               "--magcache_mag_ratios", "1,1,1,1,1,1", "--output_type", "latent"]
-    assert run(fpack_generate_video.main, ws.args(tmp_path / "plain", *common)) == 0
-    assert run(fpack_generate_video.main, ws.args(tmp_path / "swap", *common, "--blocks_to_swap", "2")) == 0
+    # four single blocks: --blocks_to_swap 1 swaps three of them (the reference's split), the tiny default has two
+    dit = save_tiny_framepack(tmp_path / "dit4", "single", single_layers=4)
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "plain", *common, "--dit", str(dit))) == 0
+    assert run(fpack_generate_video.main, ws.args(tmp_path / "swap", *common, "--dit", str(dit),
+                                                  "--blocks_to_swap", "1")) == 0
     assert torch.equal(_latent(tmp_path / "plain"), _latent(tmp_path / "swap"))

@@ -32,12 +32,13 @@ SHARD_STEM = "diffusion_pytorch_model"
 SINGLE_FILE_NAME = "FramePackI2V_HY_tiny.safetensors"
 
 
-def tiny_framepack_config() -> dict:
-    """A copy of the tiny config (2 double + 2 single blocks, 2 heads of 16, history embedder, image projection)."""
-    return dict(TINY_FRAMEPACK_CONFIG)
+def tiny_framepack_config(single_layers: int = 2) -> dict:
+    """A copy of the tiny config (2 double + 2 single blocks, 2 heads of 16, history embedder, image projection).
+    single_layers: 4 lets `--blocks_to_swap 1` swap blocks (the reference's split takes 3 single blocks)."""
+    return {**TINY_FRAMEPACK_CONFIG, "num_single_layers": single_layers}
 
 
-def tiny_framepack_dit(seed: int = 0):
+def tiny_framepack_dit(seed: int = 0, single_layers: int = 2):
     """A seeded tiny `HunyuanVideoFramepackTransformer3DModel` in eval mode; every tensor non-trivial (diffusers
     zero-initialises some layers), so a swapped or missing weight changes the output."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
@@ -46,7 +47,7 @@ def tiny_framepack_dit(seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = HunyuanVideoFramepackTransformer3DModel.from_config(tiny_framepack_config())
+        model = HunyuanVideoFramepackTransformer3DModel.from_config(tiny_framepack_config(single_layers))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
@@ -61,8 +62,8 @@ def _shard_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def save_tiny_framepack(folder: str | os.PathLike, layout: str = "shards", seed: int = 0,
-                        dtype: torch.dtype | None = None) -> Path:
-    """Save `tiny_framepack_dit(seed)` under `folder` in `layout`; returns what a user passes as --dit:
+                        dtype: torch.dtype | None = None, single_layers: int = 2) -> Path:
+    """Save `tiny_framepack_dit(seed, single_layers)` under `folder` in `layout`; returns what a user passes as --dit:
 
     - `shards`: the first of 3 shards plus `diffusion_pytorch_model.safetensors.index.json` (lllyasviel's release);
     - `single`: one safetensors file (the bf16 repacks; `dtype` casts floats, None keeps float32);
@@ -75,7 +76,7 @@ def save_tiny_framepack(folder: str | os.PathLike, layout: str = "shards", seed:
         raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in tiny_framepack_dit(seed).state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in tiny_framepack_dit(seed, single_layers).state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if layout == "single":
@@ -83,7 +84,7 @@ def save_tiny_framepack(folder: str | os.PathLike, layout: str = "shards", seed:
         save_state_dict(state, path)
         return path
     if layout == "diffusers":
-        config = {"_class_name": "HunyuanVideoFramepackTransformer3DModel", **tiny_framepack_config()}
+        config = {"_class_name": "HunyuanVideoFramepackTransformer3DModel", **tiny_framepack_config(single_layers)}
         write_text_atomic(folder / "config.json", json.dumps(config, indent=2))
         save_state_dict(state, folder / f"{SHARD_STEM}.safetensors")
         return folder
