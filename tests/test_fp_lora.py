@@ -102,6 +102,29 @@ def test_reference_named_lora_applies_exactly(dit):
     got = packed_forward(model, **_inputs())
     want = packed_forward(_merged(dit, sd, 0.5), **_inputs())
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_save_lora_format_other_loads_in_the_diffusers_pipeline_unconverted(dit):
+    """`--save_lora_format other` writes FramePack LoRAs with the architecture's prefix; diffusers' FramePack pipeline
+    reads that file as it is (no rename) and predicts as the merged weights; our own loader reads it back."""
+    from diffusers import HunyuanVideoFramepackPipeline
+
+    from musubi_tuner.architectures import get_architecture
+
+    sd = reference_lora(_default_targets(dit), rank=4, alpha=2.0)
+    prefix = get_architecture("framepack").other_lora_prefix
+    other = convert_state_dict(sd, "other", NameIndex(targets=framepack_lora_candidates(dit)), prefix=prefix)
+    loaded = HunyuanVideoFramepackPipeline.lora_state_dict(dict(other))
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    model = copy.deepcopy(dit)
+    model.load_lora_adapter(loaded, prefix="transformer")
+    with torch.no_grad():
+        got = packed_forward(model, **_inputs())
+        want = packed_forward(_merged(dit, sd), **_inputs())
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    back = convert_state_dict(other, "default", NameIndex(targets=framepack_lora_candidates(dit)))
+    with torch.no_grad():
+        assert torch.allclose(packed_forward(_merged(dit, back), **_inputs()), want, atol=1e-5)
     assert not torch.allclose(got, packed_forward(dit, **_inputs()), atol=1e-3)
 
 

@@ -60,6 +60,9 @@ class Architecture:
     modelspec_architecture: ClassVar[str]
     """SAI model-spec `modelspec.architecture` string, e.g. `wan2.1`."""
     lora_default_excludes: ClassVar[tuple[str, ...]] = ()
+    other_lora_prefix: ClassVar[str] = "diffusion_model"
+    """Key prefix of `--save_lora_format other` files (`<prefix>.<original name>.lora_A/B`): what ComfyUI and diffusers
+    read for this family's original names."""
     """Regexes (fullmatch on the original module path) always excluded, as the reference does."""
     lora_default_excludes_if_unset: ClassVar[tuple[str, ...]] = ()
     """Regexes excluded only when the user gives no `exclude_patterns` (FLUX's modulation layers)."""

@@ -135,8 +135,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
         default="default",
         choices=["default", "other"],
         help="key layout of the saved LoRA files: default = the reference's lora_unet_* (what its tools read); other = "
-             "diffusion_model.<original name>.lora_A/B (alpha baked in), which ComfyUI and diffusers load "
-             "unconverted for every family, HunyuanVideo included. Resume states are not affected",
+             "diffusion_model.<original name>.lora_A/B (alpha baked in; FramePack: transformer.<name>), which ComfyUI "
+             "and diffusers load unconverted for every family, HunyuanVideo included. Resume states are not affected",
     )
 
 

@@ -63,5 +63,6 @@ def save_network(network, arch: Architecture, args: argparse.Namespace, path: Pa
     if getattr(args, "save_lora_format", "default") != "default":  # same weights, the layout other tools read
         from musubi_tuner.networks.lora_formats import NameIndex, convert_state_dict
 
-        state = convert_state_dict(state, args.save_lora_format, NameIndex(targets=network.targets))
+        state = convert_state_dict(state, args.save_lora_format, NameIndex(targets=network.targets),
+                                   prefix=arch.other_lora_prefix)
     save_lora_file(state, path, metadata, dtype=SAVE_DTYPES[args.save_precision])

@@ -53,6 +53,9 @@ class FramePackArchitecture(Architecture):
     network_module = "networks.lora_framepack"
     modelspec_architecture = "framepack"
     lora_default_excludes = LORA_DEFAULT_EXCLUDES
+    # FramePack's original names are diffusers' own: diffusers' FramePack pipeline reads `transformer.<name>` keys
+    # (it would take `diffusion_model.` keys for original HunyuanVideo names and mis-convert them)
+    other_lora_prefix = "transformer"
     # the reference's FramePack fp8_optimization keys (its packed model is published in diffusers' names)
     fp8_scaled_keys = (("transformer_blocks", "single_transformer_blocks"), ("norm",))
     # fpack_generate_video.py defaults: --video_size 256 256, --fps 30, --infer_steps 25, --guidance_scale 1.0,
