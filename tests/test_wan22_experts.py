@@ -354,6 +354,34 @@ def test_a_mixed_batch_trains_the_one_lora_through_both_experts(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ups)
 
 
+def test_a_mixed_batch_under_gradient_checkpointing_runs_through_the_first_samples_expert(tmp_path):
+    """Checkpointed blocks recompute with the weights their modules hold at backward time, so a mixed training batch
+    must not switch experts inside one step: it runs through the expert of its first sample (the reference's one
+    expert per step), and its gradients equal that expert's alone."""
+    from musubi_tuner.training.network_setup import build_network
+    from test_wan_lora_interop import _train_args
+
+    low_path, high_path = _expert_files(tmp_path)
+    args = _args(low_path, high_path)
+    x = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    batch = {"t5": _text(1, 5)["t5"] + _text(2, 4)["t5"]}
+    t = torch.tensor([950.0, 100.0])  # first sample high noise
+
+    def grads(dit):
+        dit.enable_gradient_checkpointing()
+        dit.train()
+        torch.manual_seed(3)  # the same LoRA initialisation for both
+        network = build_network(WAN, dit, _train_args(tmp_path, "t2v-A14B"))
+        out = WAN.predict(dit, batch, x, t)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for n, p in sorted(network.named_parameters()) if p.grad is not None]
+
+    out, got = grads(_paired(args))
+    want_out, want = grads(_load(argparse.Namespace(**{**vars(args), "dit": str(high_path)})))
+    assert torch.equal(out, want_out)
+    assert len(got) == len(want) > 0 and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_a_plain_fp8_e4m3fn_expert_loads_upcast(tmp_path):
     """fp8_e4m3fn files without scales (e.g. wan2.2_t2v_low_noise_14B_fp8_e4m3fn.safetensors) load as their fp8
     values in the compute dtype."""

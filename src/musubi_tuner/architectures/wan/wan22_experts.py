@@ -176,6 +176,7 @@ class ExpertPair:
         self.boundary, self.device, self.offload = boundary, torch.device(device), offload
         self.active_is_high = False
         """--dit (low noise) starts active."""
+        self.warned_mixed = False
         move_tensors(self.inactive, torch.device("cpu") if offload else self.device)
 
     def activate(self, dit: nn.Module, high: bool) -> None:
@@ -198,6 +199,16 @@ class ExpertPair:
         """Each sample through its expert (one forward per side present; the active expert's side first)."""
         high = is_high_noise(timesteps, self.boundary).to(noisy.device)
         sides = [h for h in (self.active_is_high, not self.active_is_high) if bool((high == h).any())]
+        if len(sides) > 1 and torch.is_grad_enabled() and getattr(dit, "is_gradient_checkpointing", False):
+            # a checkpointed block recomputes its forward in the backward with the weights its module holds THEN,
+            # which would be the other expert's: a mixed training batch goes through the expert of its first sample
+            # (the one the timestep draw chose), as the reference runs one expert per step
+            if not self.warned_mixed:
+                logger.warning("a training batch has timesteps on both sides of --timestep_boundary (the same-side "
+                               "draw gave up); with gradient checkpointing it runs through the %s-noise expert of its "
+                               "first sample, as the reference", "high" if bool(high[0]) else "low")
+                self.warned_mixed = True
+            sides = [bool(high[0])]
         if len(sides) == 1:
             self.activate(dit, sides[0])
             return predict_one(dit, batch, noisy, timesteps)
