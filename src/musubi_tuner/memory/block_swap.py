@@ -207,6 +207,19 @@ class BlockSwapScheduler:
         if k is not None and k not in self.in_flight and len(self.in_flight) < self.ring_size:
             self._start(k)
 
+    def rebind(self) -> None:
+        """The swapped blocks' modules now hold other tensors (Wan2.2's expert switch swaps whole parameter sets,
+        the blocks' kept in CPU memory): drop the copies in flight, which are of the old tensors, and take the new
+        tensors and their CPU data as the masters."""
+        for k in list(self.in_flight):
+            self.engine.finish(self.slots[k])
+        self.in_flight.clear()
+        for slot in self.slots:
+            slot.tensors = list(slot.block.parameters()) + list(slot.block.buffers())
+            slot.masters = [t.data for t in slot.tensors]
+            if any(m.device.type != "cpu" for m in slot.masters):
+                raise RuntimeError(f"block swap: swapped block {slot.index} was rebound to device tensors")
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -284,7 +297,16 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: torch.devic
                                    and bool(getattr(model, "is_gradient_checkpointing", False)))
     logger.info("block swap (--blocks_to_swap %d): %d of %d blocks kept in CPU memory (%s engine, at most %d "
                 "resident)", blocks_to_swap, len(swapped), len(every), type(engine).__name__, options.ring_size)
+    model.__dict__[SCHEDULER_ATTRIBUTE] = scheduler  # not a submodule: found by `block_swap_of`
     return scheduler
+
+
+SCHEDULER_ATTRIBUTE = "_musubi_block_swap"
+
+
+def block_swap_of(model: nn.Module) -> BlockSwapScheduler | None:
+    """The scheduler `enable_block_swap` attached to `model`, or None without block swap."""
+    return model.__dict__.get(SCHEDULER_ATTRIBUTE)
 
 
 def _swapped_block(index: int, block: nn.Module, pin: bool) -> SwappedBlock:

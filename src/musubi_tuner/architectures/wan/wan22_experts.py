@@ -94,9 +94,6 @@ def validate_expert_arguments(args: argparse.Namespace, purpose: str) -> None:
     if args.offload_inactive_dit and getattr(args, "blocks_to_swap", None):
         raise UserError("--offload_inactive_dit cannot be combined with --blocks_to_swap (as in the reference); "
                         "drop one of them")
-    if high and getattr(args, "blocks_to_swap", None):
-        raise UserError("--blocks_to_swap with two experts (--dit_high_noise) is not supported by this version; use "
-                        "--offload_inactive_dit (with --fp8/--fp8_base) instead, or train/generate one expert")
     if (purpose == "train" and args.task in A14B_EXPERTS and not high and args.min_timestep is None
             and args.max_timestep is None):
         bound = round(1000 * boundary)
@@ -170,19 +167,27 @@ def draw_same_expert_timesteps(draw: Callable[[int, torch.Tensor | None], Any], 
 class ExpertPair:
     """The inactive expert's weights, swapped into the active model's modules when the other expert is needed."""
 
-    def __init__(self, inactive: nn.Module, boundary: float, device: torch.device, offload: bool):
+    def __init__(self, inactive: nn.Module, boundary: float, device: torch.device, offload: bool,
+                 swapped: set[str] = frozenset(), pin: bool = False):
         self.inactive = inactive
         """A second model of the same structure holding the expert not in use (never called itself)."""
         self.boundary, self.device, self.offload = boundary, torch.device(device), offload
         self.active_is_high = False
         """--dit (low noise) starts active."""
         self.warned_mixed = False
-        move_tensors(self.inactive, torch.device("cpu") if offload else self.device)
+        self.swapped = swapped
+        """Names of the blocks --blocks_to_swap keeps in CPU memory: each expert's stay there (pinned with `pin`)."""
+        move_tensors(self.inactive, torch.device("cpu") if offload else self.device, keep=swapped)
+        if swapped:
+            move_tensors(self.inactive, torch.device("cpu"), only=swapped, pin=pin)
 
     def activate(self, dit: nn.Module, high: bool) -> None:
         if high == self.active_is_high:
             return
         logger.info("switching to the %s-noise expert", "high" if high else "low")
+        from musubi_tuner.memory.block_swap import block_swap_of
+
+        scheduler = block_swap_of(dit)
         active_modules = {name.replace("._orig_mod", "").removeprefix("_orig_mod."): module
                           for name, module in dit.named_modules()}  # torch.compile wraps blocks in `_orig_mod`
         for name, inactive_module in self.inactive.named_modules():
@@ -192,6 +197,8 @@ class ExpertPair:
         if self.offload:
             move_tensors(self.inactive, torch.device("cpu"))
             move_tensors(dit, self.device)
+        if scheduler is not None:  # the swapped blocks' modules now hold the other expert's CPU weights
+            scheduler.rebind()
         self.active_is_high = high
 
     def predict(self, dit: nn.Module, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -220,16 +227,27 @@ class ExpertPair:
         return out
 
 
-def move_tensors(model: nn.Module, device: torch.device) -> None:
+def move_tensors(model: nn.Module, device: torch.device, keep: set[str] = frozenset(),
+                 only: set[str] | None = None, pin: bool = False) -> None:
     """Move every parameter and buffer to `device` as NEW tensors. `Module.to` would change the existing parameters
-    in place, and a graph still waiting for its backward (a batch that ran both experts) holds those."""
-    for module in model.modules():
+    in place, and a graph still waiting for its backward (a batch that ran both experts) holds those.
+    keep: module names (and everything under them) left where they are; only: move just those; pin: pin the
+    moved CPU tensors (block swap's masters with --use_pinned_memory_for_block_swap)."""
+    def under(name: str, names) -> bool:
+        return any(name == n or name.startswith(n + ".") for n in names)
+
+    for module_name, module in model.named_modules():
+        if under(module_name, keep) or (only is not None and not under(module_name, only)):
+            continue
         for name, param in module._parameters.items():
-            if param is not None and param.device != device:
-                module._parameters[name] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+            if param is not None and (param.device != device or (pin and not param.is_pinned())):
+                data = param.detach().to(device)
+                module._parameters[name] = nn.Parameter(data.pin_memory() if pin else data,
+                                                        requires_grad=param.requires_grad)
         for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+            if buffer is not None and (buffer.device != device or (pin and not buffer.is_pinned())):
+                data = buffer.to(device)
+                module._buffers[name] = data.pin_memory() if pin else data
 
 
 def batch_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
@@ -255,7 +273,17 @@ def attach_high_noise_expert(dit: nn.Module, load: Callable[[argparse.Namespace]
     `dit`. Nothing to do without the flag."""
     if not getattr(args, "dit_high_noise", None):
         return
+    from musubi_tuner.memory.block_swap import block_swap_of
+
     high = load(high_noise_args(args))
     high.requires_grad_(False)
+    scheduler = block_swap_of(dit)
+    swapped: set[str] = set()
+    if scheduler is not None:  # the high-noise expert keeps the same blocks in CPU memory
+        names = {id(module): name for name, module in dit.named_modules()}
+        swapped = {names[id(slot.block)].replace("._orig_mod", "").removeprefix("_orig_mod.")
+                   for slot in scheduler.slots}
+    pin = scheduler is not None and bool(getattr(scheduler.engine, "pinned_masters", False))
     # a plain attribute, not a submodule: the pair's weights stay out of dit.parameters() / state_dict()
-    dit.__dict__[PAIR_ATTRIBUTE] = ExpertPair(high, timestep_boundary(args), device, args.offload_inactive_dit)
+    dit.__dict__[PAIR_ATTRIBUTE] = ExpertPair(high, timestep_boundary(args), device, args.offload_inactive_dit,
+                                              swapped=swapped, pin=pin)
