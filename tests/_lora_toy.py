@@ -92,6 +92,18 @@ class ToyArch:
         return out
 
 
+def forward_with_lora(dit: nn.Module, network: nn.Module, x: torch.Tensor, multiplier: float | None = None) -> torch.Tensor:
+    """`dit(x)` with `network` applied (at `multiplier` when given), the network removed again afterwards."""
+    if multiplier is not None:
+        network.set_multiplier(multiplier)
+    network.apply_to()
+    try:
+        with torch.no_grad():
+            return dit(x)
+    finally:
+        network.remove()
+
+
 def randomize_lora(network: nn.Module, seed: int = 1) -> None:
     """Give every up matrix random values (init is zero, which would hide mistakes)."""
     gen = torch.Generator().manual_seed(seed)

@@ -18,6 +18,29 @@ def reference_lora(targets, rank: int = 4, alpha: float | None = 2.0, seed: int 
     return sd
 
 
+def assert_fused_lora_matches_original_layer(arch, dit, original_name: str, original_sd: dict[str, torch.Tensor],
+                                            rank: int) -> None:
+    """The LoRA on the split diffusers layers (shared down, split up) computes exactly what one LoRA of the reference
+    layout computes on the fused ORIGINAL layer `original_name` (weights from `original_sd`)."""
+    from musubi_tuner.networks.lora import create_network_from_weights
+
+    targets = [t for t in arch.lora_candidates(dit) if t.original_name == original_name]
+    sd = reference_lora(targets, rank=rank)
+    network = create_network_from_weights(arch, dit, sd)
+    network.load_weights(sd)
+    network.apply_to()
+    try:
+        x = torch.randn(3, targets[0].in_features)
+        ours = torch.cat([p.module(x) for p in targets[0].parts], dim=-1)
+    finally:
+        network.remove()
+    stem = targets[0].lora_name
+    down, up = sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"]
+    fused = x @ original_sd[f"{original_name}.weight"].T + original_sd[f"{original_name}.bias"]
+    expected = fused + (x @ down.T @ up.T) * (2.0 / rank)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
 def deltas(sd: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
     canonical, unmatched = parse_lora_state_dict(sd, NameIndex(targets=targets))
     assert not unmatched

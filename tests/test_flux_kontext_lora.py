@@ -13,7 +13,7 @@ from musubi_tuner.networks.lora import create_network, create_network_from_weigh
 from musubi_tuner.networks.lora_files import load_lora_file, save_lora_file
 from musubi_tuner.networks.merge import merge_lora_into_original_state_dict
 
-from fused_lora_helpers import deltas, probes, reference_lora
+from fused_lora_helpers import assert_fused_lora_matches_original_layer, deltas, probes, reference_lora
 
 ARCH = get_architecture("flux_kontext")
 RANK = 4
@@ -63,22 +63,8 @@ def test_reference_fused_lora_round_trips_through_our_network_exactly(dit):
 
 def test_fused_lora_forward_equals_the_fused_bfl_layer(dit):
     """The LoRA on to_q/to_k/to_v (shared down, split up) computes exactly what it does on BFL's fused qkv."""
-    targets = [t for t in ARCH.lora_candidates(dit) if t.original_name == "double_blocks.1.img_attn.qkv"]
-    sd = reference_lora(targets)
-    network = create_network_from_weights(ARCH, dit, sd)
-    network.load_weights(sd)
-    network.apply_to()
-    try:
-        x = torch.randn(3, targets[0].in_features)
-        ours = torch.cat([p.module(x) for p in targets[0].parts], dim=-1)
-    finally:
-        network.remove()
-    bfl = diffusers_to_bfl(dit.state_dict())
-    stem = "lora_unet_double_blocks_1_img_attn_qkv"
-    down, up = sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"]
-    fused = x @ bfl["double_blocks.1.img_attn.qkv.weight"].T + bfl["double_blocks.1.img_attn.qkv.bias"]
-    expected = fused + (x @ down.T @ up.T) * (2.0 / RANK)
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert_fused_lora_matches_original_layer(ARCH, dit, "double_blocks.1.img_attn.qkv",
+                                             diffusers_to_bfl(dit.state_dict()), RANK)
 
 
 def test_merge_in_bfl_layout_equals_merge_in_diffusers_layout(dit):

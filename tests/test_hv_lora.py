@@ -17,7 +17,7 @@ from musubi_tuner.networks.lora import create_network, create_network_from_weigh
 from musubi_tuner.networks.lora_files import load_lora_file, save_lora_file
 from musubi_tuner.networks.modules import resolve_network_module
 
-from fused_lora_helpers import deltas, probes, reference_lora
+from fused_lora_helpers import assert_fused_lora_matches_original_layer, deltas, probes, reference_lora
 
 ARCH = get_architecture("hunyuan_video")
 RANK = 4
@@ -82,21 +82,8 @@ def test_reference_fused_lora_round_trips_bit_exact(dit):
 
 
 def test_fused_lora_forward_equals_the_fused_official_layer(dit):
-    targets = [t for t in ARCH.lora_candidates(dit) if t.original_name == "single_blocks.1.linear1"]
-    sd = reference_lora(targets)
-    network = create_network_from_weights(ARCH, dit, sd)
-    network.load_weights(sd)
-    network.apply_to()
-    try:
-        x = torch.randn(3, targets[0].in_features)
-        ours = torch.cat([p.module(x) for p in targets[0].parts], dim=-1)
-    finally:
-        network.remove()
-    original = hv_diffusers_to_original(dit.state_dict())
-    stem = "lora_unet_single_blocks_1_linear1"
-    fused = x @ original["single_blocks.1.linear1.weight"].T + original["single_blocks.1.linear1.bias"]
-    expected = fused + (x @ sd[f"{stem}.lora_down.weight"].T @ sd[f"{stem}.lora_up.weight"].T) * (2.0 / RANK)
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert_fused_lora_matches_original_layer(ARCH, dit, "single_blocks.1.linear1",
+                                             hv_diffusers_to_original(dit.state_dict()), RANK)
 
 
 def test_network_module_networks_lora_is_hunyuan_video():

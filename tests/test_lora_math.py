@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from _lora_toy import DIM, ToyArch, ToyDiT, randomize_lora
+from _lora_toy import DIM, ToyArch, ToyDiT, forward_with_lora, randomize_lora
 from torch import nn
 
 from musubi_tuner.errors import CheckpointError, UserError
@@ -48,10 +48,7 @@ def test_forward_equals_merged_weights_and_multiplier():
     dit = ToyDiT()
     x = torch.randn(2, 5, DIM)
     net = _net(dit, dim=4, alpha=3.0, multiplier=0.7)
-    net.apply_to()
-    with torch.no_grad():
-        live = dit(x)
-    net.remove()
+    live = forward_with_lora(dit, net, x)
     merged = copy.deepcopy(dit)
     twin = lora.create_network(ToyArch(), merged, 4, 3.0)
     twin.load_state_dict(net.state_dict())

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _lora_toy import DIM, ToyArch, ToyDiT, randomize_lora
+from _lora_toy import DIM, ToyArch, ToyDiT, forward_with_lora, randomize_lora
 from safetensors.torch import load_file
 
 from musubi_tuner import merge_lora
@@ -49,11 +49,7 @@ def test_merge_is_exact_in_fp32_and_bf16():
 def test_merged_checkpoint_reproduces_the_lora_forward():
     dit, net, original = _setup()
     x = torch.randn(2, 5, DIM)
-    net.set_multiplier(0.6)
-    net.apply_to()
-    with torch.no_grad():
-        live = dit(x)
-    net.remove()
+    live = forward_with_lora(dit, net, x, 0.6)
     merged = merge_lora_into_original_state_dict(dict(original), net.state_dict_reference(), 0.6)
     fresh = ToyDiT(depth=2)
     fresh.load_state_dict(ToyArch().original_to_dit(merged))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lora_toy import DIM, ToyArch, ToyDiT, comfy_unconsumed_keys
+from _lora_toy import DIM, ToyArch, ToyDiT, comfy_unconsumed_keys, forward_with_lora
 from safetensors.torch import load_file
 
 from musubi_tuner.errors import CheckpointError, UserError
@@ -146,11 +146,7 @@ def test_merge_into_the_original_checkpoint_reproduces_the_live_forward(kind, di
     expected = original[key] + getattr(net, STEM).weights().scaled_delta(0.6)
     assert torch.allclose(merged[key], expected, rtol=1e-6, atol=1e-7)
     x = torch.randn(2, 5, DIM)
-    net.set_multiplier(0.6)
-    net.apply_to()
-    with torch.no_grad():
-        live = dit(x)
-    net.remove()
+    live = forward_with_lora(dit, net, x, 0.6)
     fresh = ToyDiT(depth=2)
     fresh.load_state_dict(ToyArch().original_to_dit(merged))
     with torch.no_grad():
