@@ -38,9 +38,11 @@ def test_section_counts_and_trimming():
 
 
 def test_inverted_paddings_use_the_long_video_trick_after_four_sections():
-    assert cs.inverted_paddings(3) == [2, 1, 0]
-    assert cs.inverted_paddings(4) == [3, 2, 1, 0]
-    assert cs.inverted_paddings(6) == [3, 2, 2, 2, 1, 0]
+    from musubi_tuner.architectures.framepack.generation_sections import default_latent_paddings
+
+    assert default_latent_paddings(3) == [2, 1, 0]
+    assert default_latent_paddings(4) == [3, 2, 1, 0]
+    assert default_latent_paddings(6) == [3, 2, 2, 2, 1, 0]
 
 
 def test_inverted_sections_emulate_backward_sampling():

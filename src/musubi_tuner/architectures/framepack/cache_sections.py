@@ -21,9 +21,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from musubi_tuner.architectures.framepack.generation_sections import (
+    HISTORY_1X,
+    HISTORY_2X,
+    HISTORY_4X,
+    default_latent_paddings,
+    f1_indices,
+    vanilla_indices,
+)
 from musubi_tuner.errors import UserError
 
-HISTORY_SPLIT = (1, 2, 16)
+# the caches hold what the sampler would see, so the layouts and paddings are the generation side's
+HISTORY_SPLIT = (HISTORY_1X, HISTORY_2X, HISTORY_4X)
 """Clean history latents at full (1x), 2x and 4x compression: the sampler keeps 1 + 2 + 16 of them."""
 HISTORY_LEN = sum(HISTORY_SPLIT)
 
@@ -54,13 +63,6 @@ def check_clip_length(frames: int, window: int, what: str) -> int:
     return sections
 
 
-def inverted_paddings(sections: int) -> list[int]:
-    """Blank padding (in windows) before each section, in sampling order (last section in time first)."""
-    if sections > 4:  # the reference's trick for long videos
-        return [3] + [2] * (sections - 3) + [1, 0]
-    return list(reversed(range(sections)))
-
-
 def _section(target: torch.Tensor, latent_indices: torch.Tensor, clean: torch.Tensor, clean_indices: torch.Tensor,
              clean_2x: torch.Tensor, indices_2x: torch.Tensor, clean_4x: torch.Tensor,
              indices_4x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,16 +80,14 @@ def inverted_sections(latents: torch.Tensor, window: int) -> list[dict[str, torc
     history = latents.new_zeros((c, HISTORY_LEN, h, w))
     start = latents[:, :1]
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for step, padding in enumerate(inverted_paddings(sections)):
+    for step, padding in enumerate(default_latent_paddings(sections)):
         index = sections - 1 - step  # sampling runs from the last section in time to the first
-        pad = padding * window
-        indices = torch.arange(1 + pad + window + HISTORY_LEN)
-        pre, _, target_idx, post, idx_2x, idx_4x = indices.split([1, pad, window, *HISTORY_SPLIT])
+        layout = vanilla_indices(window, padding)
         first = 1 + index * window
         target = latents[:, first:first + window]
         post_lat, lat_2x, lat_4x = history.split(HISTORY_SPLIT, dim=1)
-        out[index] = _section(target, target_idx, torch.cat([start, post_lat], dim=1), torch.cat([pre, post]),
-                              lat_2x, idx_2x, lat_4x, idx_4x)
+        out[index] = _section(target, layout.latent, torch.cat([start, post_lat], dim=1), layout.clean,
+                              lat_2x, layout.clean_2x, lat_4x, layout.clean_4x)
         # what the sampler has generated after this step: this section (with the start latent at the very end)
         generated = latents[:, :window + 1] if index == 0 else target
         history = torch.cat([generated, history], dim=1)[:, :HISTORY_LEN]
@@ -99,17 +99,17 @@ def f1_sections(latents: torch.Tensor, window: int) -> list[dict[str, torch.Tens
     the history is the latents just before the section, zero where the clip has none yet."""
     sections = (latents.shape[1] - 1) // window
     c, _, h, w = latents.shape
-    indices = torch.arange(1 + HISTORY_LEN + window)
-    start_idx, idx_4x, idx_2x, idx_1x, target_idx = indices.split([1, 16, 2, 1, window])
+    layout = f1_indices(window)
     out = []
     for index in range(sections):
         first = 1 + index * window
         history = latents.new_zeros((c, HISTORY_LEN, h, w))
         past = latents[:, max(0, first - HISTORY_LEN):first]
         history[:, HISTORY_LEN - past.shape[1]:] = past
-        lat_4x, lat_2x, lat_1x = history.split([16, 2, 1], dim=1)
-        out.append(_section(latents[:, first:first + window], target_idx, torch.cat([latents[:, :1], lat_1x], dim=1),
-                            torch.cat([start_idx, idx_1x]), lat_2x, idx_2x, lat_4x, idx_4x))
+        lat_4x, lat_2x, lat_1x = history.split(HISTORY_SPLIT[::-1], dim=1)
+        out.append(_section(latents[:, first:first + window], layout.latent,
+                            torch.cat([latents[:, :1], lat_1x], dim=1), layout.clean,
+                            lat_2x, layout.clean_2x, lat_4x, layout.clean_4x))
     return out
 
 
@@ -120,14 +120,15 @@ def one_frame_cache(latents: torch.Tensor, *, window: int, clean_indices: Sequen
     reference); only their indices are, unless `no_2x` / `no_4x`."""
     clean_idx = list(clean_indices) if clean_indices else [0]
     clean = latents[:, :-1]
+    history = vanilla_indices(window, 0)  # one section right after the start: post, 2x and 4x history indices
     if not no_post:  # a zero "recent history" latent right after the window
-        clean_idx.append(1 + window)
+        clean_idx.append(int(history.clean[-1]))
         clean = F.pad(clean, (0, 0, 0, 0, 0, 1))
     content = {"latents": latents[:, -1:].contiguous(),
                "latent_indices": torch.tensor([window if target_index is None else target_index]),
                "latents_clean": clean.contiguous(), "clean_latent_indices": torch.tensor(clean_idx)}
     if not no_2x:
-        content["clean_latent_2x_indices"] = torch.arange(2 + window, 4 + window)
+        content["clean_latent_2x_indices"] = history.clean_2x
     if not no_4x:
-        content["clean_latent_4x_indices"] = torch.arange(4 + window, 20 + window)
+        content["clean_latent_4x_indices"] = history.clean_4x
     return content

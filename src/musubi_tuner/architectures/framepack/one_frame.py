@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from musubi_tuner.architectures.framepack.generation_sections import HISTORY_2X, HISTORY_4X
+from musubi_tuner.architectures.framepack.generation_sections import HISTORY_2X, HISTORY_4X, vanilla_indices
 from musubi_tuner.architectures.framepack.packed_forward import packed_forward
 from musubi_tuner.architectures.framepack.sampling import (
     LATENT_CHANNELS,
@@ -97,20 +97,20 @@ def one_frame_inputs(options: OneFrameOptions, control_latents: list[torch.Tenso
     for i, mask in enumerate(masks[: clean.shape[2]]):
         if mask is not None:
             clean[:, :, i : i + 1] = clean[:, :, i : i + 1] * mask
+    history = vanilla_indices(latent_window_size, 0)  # one section right after the start: post, 2x, 4x indices
     clean_indices = torch.zeros(clean.shape[2], dtype=torch.int64)
     if not options.no_post:
-        clean_indices[-1] = 1 + latent_window_size
+        clean_indices[-1] = history.clean[-1]
     for i, index in enumerate(options.control_indices[: clean.shape[2]]):
         clean_indices[i] = index
     target = latent_window_size if options.target_index is None else options.target_index
     inputs = SectionInputs(torch.tensor([target], dtype=torch.int64), clean, clean_indices)
-    first_2x = 1 + latent_window_size + 1
     if not options.no_2x:
         inputs.latents_clean_2x = zeros(HISTORY_2X)
-        inputs.clean_latent_2x_indices = torch.arange(first_2x, first_2x + HISTORY_2X)
+        inputs.clean_latent_2x_indices = history.clean_2x
     if not options.no_4x:
         inputs.latents_clean_4x = zeros(HISTORY_4X)
-        inputs.clean_latent_4x_indices = torch.arange(first_2x + HISTORY_2X, first_2x + HISTORY_2X + HISTORY_4X)
+        inputs.clean_latent_4x_indices = history.clean_4x
     return inputs
 
 
